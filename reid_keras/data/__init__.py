@@ -1,0 +1,1 @@
+"""Datasets on disk, synthetic pedestrians, samplers and tf.data pipelines."""

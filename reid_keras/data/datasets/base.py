@@ -1,0 +1,149 @@
+"""Records, splits and layout checks shared by every dataset loader (DATASETS.md §0).
+
+A re-ID dataset is three lists of `ImageRecord(path, pid, camid)`:
+
+- `train`: `pid` is the dense label 0..N-1 over the *sorted* distinct training ids
+  (`ReidDataset.train_id_map` maps original id -> dense label);
+- `query` / `gallery`: `pid` is the original id, unchanged; distractors have pid 0, Market junk
+  (-1) is dropped when loading.
+
+`camid` is 0-based (camera number in the file name - 1); -1 when unknown (500k distractors).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable, NamedTuple
+
+
+class ImageRecord(NamedTuple):
+    """One cropped person image: absolute `path`, identity `pid`, 0-based camera `camid`."""
+
+    path: str
+    pid: int
+    camid: int
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """The folder on disk does not look like the dataset it was loaded as.
+
+    The message names the missing folder or file and the expected layout.
+    """
+
+
+class DatasetCountError(ValueError):
+    """A complete copy of a benchmark whose counts differ from the published ones."""
+
+
+@dataclasses.dataclass
+class SkipReport:
+    """Files a loader left out, counted by reason, with a few example paths per reason."""
+
+    counts: dict = dataclasses.field(default_factory=dict)
+    examples: dict = dataclasses.field(default_factory=dict)
+    max_examples: int = 3
+
+    def add(self, reason: str, path: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < self.max_examples:
+            shown.append(path)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __str__(self) -> str:
+        if not self.counts:
+            return "skipped: none"
+        lines = [f"skipped {self.total} file(s):"]
+        for reason in sorted(self.counts):
+            lines.append(f"  {self.counts[reason]:>6}  {reason}  (e.g. {', '.join(self.examples[reason])})")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class ReidDataset:
+    """A loaded re-ID benchmark: train / query / gallery records plus what the loader saw."""
+
+    name: str
+    root: str
+    train: list
+    query: list
+    gallery: list
+    train_id_map: dict = dataclasses.field(default_factory=dict)
+    skipped: SkipReport = dataclasses.field(default_factory=SkipReport)
+    info: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_train_ids(self) -> int:
+        return len(self.train_id_map) if self.train_id_map else len({r.pid for r in self.train})
+
+    def split_stats(self) -> list:
+        """Rows `(split, ids, images, cameras)` for train, query and gallery."""
+        rows = []
+        for split in ("train", "query", "gallery"):
+            records = getattr(self, split)
+            rows.append((split, len({r.pid for r in records}), len(records),
+                         len({r.camid for r in records})))
+        return rows
+
+    def summary(self) -> str:
+        """A printable table of ids / images / cameras per split, then the skip report."""
+        lines = [f"{self.name} at {self.root}", f"{'split':<8} {'ids':>7} {'images':>8} {'cameras':>8}"]
+        for split, ids, images, cams in self.split_stats():
+            lines.append(f"{split:<8} {ids:>7} {images:>8} {cams:>8}")
+        for key, value in self.info.items():
+            lines.append(f"{key}: {value}")
+        lines.append(str(self.skipped))
+        return "\n".join(lines)
+
+
+def relabel(records: Iterable[ImageRecord]) -> tuple[list, dict]:
+    """Dense labels 0..N-1 over the sorted distinct pids (never `pid - 1`, never set order)."""
+    records = list(records)
+    id_map = {pid: label for label, pid in enumerate(sorted({r.pid for r in records}))}
+    return [ImageRecord(r.path, id_map[r.pid], r.camid) for r in records], id_map
+
+
+def resolve_root(root: str, candidates: Iterable[str], required: Iterable[str], layout: str) -> str:
+    """Return the dataset folder given the unpacked folder itself or its parent.
+
+    Args:
+        root: what the user passed.
+        candidates: names the unpacked folder usually has (e.g. `Market-1501-v15.09.15`).
+        required: entries that must exist inside the dataset folder.
+        layout: a short drawing of the expected layout, quoted in the error.
+
+    Raises:
+        DatasetLayoutError naming the missing root or the first missing entry.
+    """
+    required = list(required)
+    if not os.path.isdir(root):
+        raise DatasetLayoutError(f"dataset root {root!r} does not exist or is not a folder; expected:\n{layout}")
+    options = [root] + [os.path.join(root, c) for c in candidates]
+    for option in options:
+        if all(os.path.exists(os.path.join(option, r)) for r in required):
+            return option
+    # Report against the most plausible folder: a named candidate if present, else the root.
+    best = next((o for o in options[1:] if os.path.isdir(o)), root)
+    missing = [r for r in required if not os.path.exists(os.path.join(best, r))]
+    raise DatasetLayoutError(
+        f"no {'folder or file'} {missing[0]!r} under {best}: expected the layout\n{layout}\n"
+        "(pass the unpacked folder or its parent; see data/README.md)")
+
+
+def check_counts(name: str, found: dict, expected: dict, strict: bool) -> None:
+    """Compare split counts with the published ones (DATASETS.md tables).
+
+    Only called when the loader judges the copy to be complete; `strict=False` (custom subsets)
+    turns the error into a no-op.
+    """
+    if not strict:
+        return
+    wrong = {k: (expected[k], found.get(k)) for k in expected if found.get(k) != expected[k]}
+    if wrong:
+        rows = "\n".join(f"  {k}: expected {e}, found {f}" for k, (e, f) in wrong.items())
+        raise DatasetCountError(
+            f"{name}: counts differ from the published ones:\n{rows}\n"
+            "Is the copy incomplete or modified? Pass strict=False (--no-strict) for a custom subset.")
