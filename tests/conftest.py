@@ -1,0 +1,19 @@
+"""Test-wide TensorFlow set-up: quiet logs and two logical CPU devices (for MirroredStrategy tests).
+
+Logical devices must be configured before TensorFlow initialises its runtime, so it happens here,
+once, before any test module builds a tensor.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+if _cpus:
+    try:
+        tf.config.set_logical_device_configuration(
+            _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+    except RuntimeError:  # runtime already initialised by an earlier import
+        pass
