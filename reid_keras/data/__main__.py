@@ -24,7 +24,25 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--root", required=True, help="the unpacked dataset folder or its parent")
     info.add_argument("--no-strict", action="store_true",
                       help="do not compare counts with the published ones (custom subsets)")
+    info.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="loader option, repeatable, e.g. --option box_type=detected --option split_index=3")
     return parser
+
+
+def _parse_options(pairs: list) -> dict:
+    """`KEY=VALUE` strings -> dict; VALUE is read as JSON (numbers, true/false, null) or kept as text."""
+    import json
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
 
 
 def main(argv=None) -> int:
@@ -40,8 +58,10 @@ def main(argv=None) -> int:
     from reid_keras.data.datasets.base import DatasetCountError, DatasetLayoutError
 
     try:
-        dataset = load_dataset(args.dataset, args.root, strict=False if args.no_strict else None)
-    except (DatasetLayoutError, DatasetCountError, ValueError) as err:
+        dataset = load_dataset(args.dataset, args.root, strict=False if args.no_strict else None,
+                               **_parse_options(args.option))
+    # OSError: unreadable folders or files (permissions), reported like layout errors.
+    except (DatasetLayoutError, DatasetCountError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         if args.dataset not in DATASET_NAMES:
             print(f"known datasets: {', '.join(DATASET_NAMES)}", file=sys.stderr)

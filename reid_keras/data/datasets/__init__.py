@@ -1,0 +1,50 @@
+"""Loaders of the re-ID benchmarks as they are unpacked on disk (DATASETS.md §1-5).
+
+    >>> from reid_keras.data.datasets import load_dataset
+    >>> ds = load_dataset("market1501", "/data/market1501")      # doctest: +SKIP
+    >>> print(ds.summary())                                      # doctest: +SKIP
+
+Every loader takes `root` (the unpacked folder or its parent) and `strict` (compare with the
+published counts: None = only when the copy looks complete, True = always, False = never), plus
+its own keyword options:
+
+| name | options |
+| --- | --- |
+| market1501 | distractors_dir=None |
+| dukemtmc | - |
+| msmt17 | use_val=False |
+| cuhk01 | split="paper871" / "random100" / "half", split_index=0, seed=0, split_file=None, direction="A->B" |
+| cuhk03 | box_type="labeled" / "detected", protocol="classic" / "new", split_index=0, cache_dir=None |
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+from reid_keras.data.datasets.base import ReidDataset
+
+DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "cuhk01", "cuhk03")
+
+
+def get_loader(name: str):
+    """The `load(root, strict=None, **options)` function of dataset `name`."""
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+    # Imported on demand: `synthetic` and the CLI import this package and need none of the loaders.
+    return importlib.import_module(f"reid_keras.data.datasets.{name}").load
+
+
+def load_dataset(name: str, root: str, strict: bool | None = None, **options) -> ReidDataset:
+    """Load benchmark `name` from `root`.
+
+    Raises:
+        ValueError: unknown dataset name or option.
+        DatasetLayoutError: `root` does not hold the dataset's layout (names what is missing).
+        DatasetCountError: a full-looking copy whose counts differ from the published ones.
+    """
+    loader = get_loader(name)
+    accepted = [p for p in inspect.signature(loader).parameters if p not in ("root", "strict")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(accepted) or 'none'}")
+    return loader(root, strict=strict, **options)
