@@ -1,0 +1,110 @@
+"""Atomic writes: a killed run leaves either the old file/folder or the new one, never half of one.
+
+Everything is written to a temporary name in the destination's own folder (same file system, so
+the final `os.replace` / `os.rename` is atomic) and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+
+def _parent(path: str) -> str:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    return parent
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: str, directory: bool = False) -> None:
+    # mkstemp/mkdtemp create 0600/0700 entries; give the final file the usual permissions.
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def atomic_write_text(path: str, text: str, encoding: str = "utf-8") -> str:
+    """Write `text` to `path` atomically; returns `path`."""
+    fd, tmp = tempfile.mkstemp(dir=_parent(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding=encoding) as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _publish_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: str, obj, indent: int = 2) -> str:
+    """Write `obj` as JSON to `path` atomically (tuples become lists); returns `path`."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def atomic_save_keras(model, path: str) -> str:
+    """`model.save(path)` through a temporary `.keras` file in the same folder; returns `path`.
+
+    Raises:
+        ValueError: `path` does not end in `.keras` (Keras 3's native format).
+    """
+    if not str(path).endswith(".keras"):
+        raise ValueError(f"atomic_save_keras: {path!r} must end in .keras")
+    fd, tmp = tempfile.mkstemp(dir=_parent(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp.keras")
+    os.close(fd)
+    try:
+        model.save(tmp)
+        _publish_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def atomic_export_dir(path: str):
+    """Context manager yielding a fresh temporary folder that becomes `path` on success.
+
+    An existing `path` is replaced only after the new folder is complete (moved aside, the new one
+    renamed in, then the old one deleted); on an exception the temporary folder is removed and
+    `path` is left as it was.
+
+    Example:
+        >>> with atomic_export_dir("runs/x/export") as tmp:
+        ...     tf.saved_model.save(module, tmp)
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"export destination {path!r} exists and is not a folder")
+    tmp = tempfile.mkdtemp(dir=_parent(path), prefix=f".{os.path.basename(path)}.tmp-")
+    try:
+        yield tmp
+        _publish_mode(tmp, directory=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.old-")
+        os.rmdir(old)
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

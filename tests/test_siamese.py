@@ -1,0 +1,285 @@
+"""Siamese EfficientNet model, backbone weights handling and presets (issue 4 items 1, 2).
+
+EfficientNet graphs are slow to build on two CPU cores: models are shared through module-scoped
+fixtures, inputs are 32x32 and weights are random (no network here).
+"""
+import hashlib
+import urllib.error
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from keras.src.applications import efficientnet as keras_efficientnet  # WEIGHTS_HASHES, for the fake cache
+from keras.src.backend import config as keras_config  # KERAS_HOME as Keras read it at import
+from keras.src.legacy.saving import legacy_h5_format  # writes the .h5 layout of Keras' ImageNet files
+from keras.src.utils import file_utils
+
+from reid_keras.io_utils import atomic_save_keras
+from reid_keras.models import backbones
+from reid_keras.models.backbones import WeightsUnavailableWarning, build_backbone
+from reid_keras.models.layers import SquareLayer
+from reid_keras.models.presets import PRESETS, get_preset
+from reid_keras.models.siamese import (SAME_INDEX, build_siamese, compile_siamese, head_of, loss_and_metrics,
+                                       same_probability)
+from tests.fixtures.siamese_models import IMAGE_SIZE, calibrate_batchnorm, calibrated_siamese, random_images
+
+# keras.applications' documented parameter counts for include_top=False (keras.io/api/applications)
+BACKBONE_PARAMS = {"efficientnetb0": 4_049_571, "efficientnetb1": 6_575_239, "efficientnetb2": 7_768_569,
+                   "efficientnetb3": 10_783_535, "efficientnetb4": 17_673_823, "efficientnetb5": 28_513_527}
+
+
+@pytest.fixture(scope="module")
+def siamese():
+    return calibrated_siamese("softmax", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return random_images(4, seed=1), random_images(4, seed=2)
+
+
+def test_structure_and_shared_embedding(siamese):
+    names = [t.name for t in siamese.inputs]
+    assert names == ["image_a", "image_b"]
+    assert [tuple(t.shape) for t in siamese.inputs] == [(None, 32, 32, 3)] * 2
+    assert tuple(siamese.outputs[0].shape) == (None, 2)
+    embedding = siamese.get_layer("embedding")
+    assert isinstance(embedding, keras.Model) and len(embedding.inputs) == 1
+    assert tuple(embedding.outputs[0].shape) == (None, 1280)
+    assert isinstance(siamese.get_layer("square"), SquareLayer)
+    # one backbone shared by both branches: only the 2-way head adds parameters
+    assert siamese.count_params() == BACKBONE_PARAMS["efficientnetb0"] + 1280 * 2 + 2
+    assert head_of(siamese) == "softmax"
+
+
+def test_pair_probability_follows_the_square_layer(siamese, pairs):
+    a, b = pairs
+    probs = keras.ops.convert_to_numpy(siamese([a, b], training=False))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-6)
+    assert probs[:, SAME_INDEX].std() > 1e-3, "calibrated model should give input-dependent probabilities"
+    # (f1 - f2)^2 is symmetric: swapping the images does not change the answer
+    np.testing.assert_allclose(siamese([b, a], training=False), probs, rtol=1e-5, atol=1e-6)
+    # recompute the head by hand from the shared embedding
+    emb = siamese.get_layer("embedding")
+    fs = (keras.ops.convert_to_numpy(emb(a)) - keras.ops.convert_to_numpy(emb(b))) ** 2
+    dense = siamese.get_layer("verification")
+    logits = fs @ keras.ops.convert_to_numpy(dense.kernel) + keras.ops.convert_to_numpy(dense.bias)
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(same_probability(probs)), probs[:, 1])
+
+
+def test_keras_round_trip_in_safe_mode(siamese, pairs, tmp_path):
+    path = tmp_path / "best.keras"
+    atomic_save_keras(siamese, str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras"]  # no temporary left behind
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded.get_layer("square"), SquareLayer)
+    np.testing.assert_allclose(loaded(list(pairs), training=False), siamese(list(pairs), training=False),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_backbone_parameter_counts_b0_to_b5():
+    for name, expected in BACKBONE_PARAMS.items():
+        model, info = build_backbone(name, (32, 32), weights=None)
+        assert model.count_params() == expected, name
+        assert model.name == name and info.used == "none"
+
+
+def test_optimizer_steps_lower_the_loss_on_a_fixed_batch():
+    keras.utils.set_random_seed(1)
+    model = build_siamese("efficientnetb0", IMAGE_SIZE, weights=None, dropout=0.0)
+    # EfficientNet's stochastic depth would make training-mode losses random: switch it off so
+    # the before/after comparison is deterministic.
+    for layer in model.get_layer("embedding").get_layer("efficientnetb0").layers:
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
+    compile_siamese(model, learning_rate=1e-4)  # the paper's RMSprop 1e-4
+    model.run_eagerly = True  # three steps: cheaper than tracing the train function
+    a = random_images(6, seed=3)
+    b = np.concatenate([a[:3], random_images(3, seed=4)])
+    same = np.array([1, 1, 1, 0, 0, 0])
+    loss_fn, _ = loss_and_metrics("softmax")
+
+    def loss():
+        return float(loss_fn(same, model([a, b], training=True)))
+
+    before = loss()
+    for _ in range(3):
+        model.train_on_batch([a, b], same)
+    after = loss()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_sigmoid_head_and_loss_conventions():
+    model = build_siamese("efficientnetb0", IMAGE_SIZE, weights=None, head="sigmoid")
+    assert tuple(model.outputs[0].shape) == (None, 1) and head_of(model) == "sigmoid"
+    p = np.array([[0.9], [0.2]], dtype="float32")
+    bce, metrics = loss_and_metrics("sigmoid")
+    same = np.array([1, 0])
+    assert float(bce(same, p)) == pytest.approx(-(np.log(0.9) + np.log(0.8)) / 2, rel=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(same_probability(p)), [0.9, 0.2])
+    # softmax head: label 1 (same) is scored by column SAME_INDEX = 1
+    q = np.array([[0.3, 0.7], [0.6, 0.4]], dtype="float32")
+    ce, metrics = loss_and_metrics("softmax")
+    assert float(ce(same, q)) == pytest.approx(-(np.log(0.7) + np.log(0.6)) / 2, rel=1e-5)
+    assert metrics[0].name == "accuracy"
+
+
+def test_bad_arguments_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown preset 'siamese_b9'.*siamese_b0, siamese_b1"):
+        get_preset("siamese_b9")
+    for size in [(16, 16), (160,), ("a", 80), (160.5, 80)]:
+        with pytest.raises(ValueError, match="bad image_size"):
+            build_siamese(image_size=size)
+    with pytest.raises(ValueError, match="unknown backbone 'resnet50'.*efficientnetb0"):
+        build_siamese(backbone="resnet50")
+    with pytest.raises(ValueError, match="unknown head"):
+        build_siamese(head="softmax3")
+    with pytest.raises(ValueError, match="dropout"):
+        build_siamese(dropout=1.5)
+    missing = tmp_path / "nope.weights.h5"
+    with pytest.raises(ValueError, match="nope.weights.h5.*no such file"):
+        build_backbone("b0", (32, 32), weights=str(missing))
+    bad = tmp_path / "weights.txt"
+    bad.write_text("x")
+    with pytest.raises(ValueError, match=r"weights\.txt.*\.h5"):
+        build_backbone("b0", (32, 32), weights=str(bad))
+
+
+def test_presets_hold_the_paper_recipe():
+    from reid_keras.data.augment import AugmentConfig
+
+    assert sorted(PRESETS) == [f"siamese_b{i}" for i in range(6)]
+    for i in range(6):
+        preset = get_preset(f"siamese_b{i}")
+        assert preset["backbone"] == f"efficientnetb{i}"
+        assert preset["image_size"] == (160, 80)
+        assert (preset["optimizer"], preset["learning_rate"], preset["batch_size"], preset["epochs"]) == \
+            ("rmsprop", 1e-4, 48, 18)
+        assert preset["pair_ratio"] == 1.0 and preset["head"] == "softmax"
+        assert preset["preprocessing"] == "efficientnet" and 0 < preset["dropout"] < 1
+        assert AugmentConfig(**preset["augment"]) == AugmentConfig.efficientnet_paper()
+    copy = get_preset("siamese_b0")
+    copy["augment"]["flip"] = False
+    assert PRESETS["siamese_b0"]["augment"]["flip"] is True  # callers get a deep copy
+
+
+# --- weights: imagenet through Keras' cache, offline fallback, files and checkpoints ---------------
+
+@pytest.fixture
+def empty_keras_home(tmp_path, monkeypatch):
+    home = tmp_path / "keras_home"
+    home.mkdir()  # Keras creates its home folder at import; get_file falls back to /tmp without it
+    monkeypatch.setattr(keras_config, "_KERAS_DIR", str(home))
+    return home
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError(f"unexpected download attempt {args[:1]}")
+
+
+def test_imagenet_offline_falls_back_to_random_init_with_a_warning(empty_keras_home, monkeypatch):
+    monkeypatch.setattr(backbones, "host_resolves", lambda host, timeout: False)
+    monkeypatch.setattr(file_utils, "urlretrieve", _no_download)
+    with pytest.warns(WeightsUnavailableWarning) as caught:
+        model, info = build_backbone("efficientnetb0", (32, 32), weights="imagenet")
+    text = str(caught[0].message)
+    cache = str(empty_keras_home / "models")
+    assert "efficientnetb0_notop.h5" in text and cache in text and "RANDOM" in text
+    assert (info.requested, info.used, info.warning) == ("imagenet", "none", text)
+    assert info.file == f"{cache}/efficientnetb0_notop.h5" and info.cache_dir == cache
+    assert info.to_dict()["used"] == "none"
+    # random-init stem: only Rescaling(1/255), not the ImageNet std rescaling
+    assert sum(isinstance(l, keras.layers.Rescaling) for l in model.layers) == 1
+
+
+def test_imagenet_download_failure_falls_back(empty_keras_home, monkeypatch):
+    calls = []
+
+    def failing_urlretrieve(url, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(backbones, "host_resolves", lambda host, timeout: True)
+    monkeypatch.setattr(file_utils, "urlretrieve", failing_urlretrieve)
+    with pytest.warns(WeightsUnavailableWarning, match="network is unreachable"):
+        _, info = build_backbone("efficientnetb0", (32, 32), weights="imagenet")
+    assert calls == ["https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5"]
+    assert info.used == "none" and "efficientnetb0_notop.h5" in info.warning
+
+
+def _fake_imagenet_backbone():
+    """A B0 with recognisable weights and the ImageNet stem statistics of Keras' file."""
+    keras.utils.set_random_seed(5)
+    model = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
+    norm = backbones._stem_normalization(model)
+    norm.adapt_mean.assign([0.485, 0.456, 0.406])
+    norm.adapt_variance.assign([0.229, 0.224, 0.225])
+    norm.finalize_state()
+    calibrate_batchnorm(model, random_images(8, seed=7))  # well-scaled features, see fixtures
+    return model
+
+
+def test_imagenet_weights_are_read_from_the_keras_cache(empty_keras_home, monkeypatch, tmp_path):
+    source = _fake_imagenet_backbone()
+    cache = empty_keras_home / "models"
+    cache.mkdir()
+    cached = cache / "efficientnetb0_notop.h5"
+    with h5py.File(cached, "w") as handle:  # the layout of Keras' own ImageNet file
+        legacy_h5_format.save_weights_to_hdf5_group(handle, source)
+    md5 = hashlib.md5(cached.read_bytes()).hexdigest()
+    hashes = dict(keras_efficientnet.WEIGHTS_HASHES)
+    hashes["b0"] = (hashes["b0"][0], md5)  # Keras checks the cached file's hash before using it
+    monkeypatch.setattr(keras_efficientnet, "WEIGHTS_HASHES", hashes)
+    monkeypatch.setattr(file_utils, "urlretrieve", _no_download)
+
+    model, info = build_backbone("efficientnetb0", (32, 32), weights="imagenet")
+    assert (info.used, info.file, info.warning, info.imagenet_stem) == ("imagenet", str(cached), None, True)
+    for got, want in zip(model.get_weights(), source.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    # Keras' ImageNet stem: Rescaling(1/255), Normalization, Rescaling(1/sqrt(std))
+    stem = [type(l).__name__ for l in model.layers[1:4]]
+    assert stem == ["Rescaling", "Normalization", "Rescaling"]
+
+    # The same weights by file path keep that stem (the trap of loading ImageNet weights by path)
+    path = tmp_path / "backbone.weights.h5"
+    model.save_weights(path)
+    x = random_images(2, seed=9)
+    for weights in (str(path), str(cached)):
+        again, info = build_backbone("efficientnetb0", (32, 32), weights=weights)
+        assert info.used == "file" and info.imagenet_stem
+        np.testing.assert_allclose(again(x), model(x), rtol=1e-5, atol=1e-4)
+    # the stem really matters: without it the features differ
+    plain = keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3))
+    plain.set_weights(model.get_weights())
+    backbones._stem_normalization(plain).finalize_state()
+    features = keras.ops.convert_to_numpy(model(x))
+    assert features.std() > 0.1
+    assert np.abs(keras.ops.convert_to_numpy(plain(x)) - features).max() > 0.1 * features.std()
+
+
+def test_random_init_weights_file_keeps_the_plain_stem(tmp_path):
+    keras.utils.set_random_seed(6)
+    source, _ = build_backbone("efficientnetb0", (32, 32), weights=None)
+    path = tmp_path / "plain.weights.h5"
+    source.save_weights(path)
+    model, info = build_backbone("efficientnetb0", (48, 32), weights=str(path))
+    assert info.used == "file" and not info.imagenet_stem
+    for got, want in zip(model.get_weights(), source.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    assert tuple(model.input.shape) == (None, 48, 32, 3)
+
+
+def test_keras_checkpoint_as_backbone_weights(siamese, tmp_path):
+    path = tmp_path / "ckpt.keras"
+    atomic_save_keras(siamese, str(path))
+    model, info = build_siamese("efficientnetb0", IMAGE_SIZE, weights=str(path), return_weights_info=True)
+    assert info.used == "checkpoint" and info.file == str(path)
+    x = random_images(3, seed=11)
+    np.testing.assert_allclose(model.get_layer("embedding")(x), siamese.get_layer("embedding")(x),
+                               rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="checkpoint's backbone is efficientnetb0, but efficientnetb1"):
+        build_backbone("efficientnetb1", (32, 32), weights=str(path))
