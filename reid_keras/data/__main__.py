@@ -50,8 +50,12 @@ def main(argv=None) -> int:
     if args.command == "synth":
         from reid_keras.data.datasets import synthetic
 
-        summary = synthetic.write_dataset(layout=args.layout, out=args.out, num_ids=args.ids,
-                                          num_cams=args.cams, seed=args.seed, overwrite=args.overwrite)
+        try:
+            summary = synthetic.write_dataset(layout=args.layout, out=args.out, num_ids=args.ids,
+                                              num_cams=args.cams, seed=args.seed, overwrite=args.overwrite)
+        except (FileExistsError, ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(summary)
         return 0
     from reid_keras.data.datasets import DATASET_NAMES, load_dataset

@@ -1,0 +1,226 @@
+"""Synthetic pedestrian datasets written in the exact layouts of the real benchmarks (issue 2, item 2).
+
+The images (drawn by `synthetic_render`) go to disk with the folder trees and file names of
+DATASETS.md §1 (Market-1501, including `-1` junk and `0000` distractors), §2 (DukeMTMC-reID,
+including identities seen by one camera only) and §4 (CUHK01), so the real loaders read them.
+
+Everything is deterministic by `seed`: the plan (which image goes where under which name) comes from
+one seeded generator, and each image is drawn from its own generator seeded by (seed, image index),
+so the bytes do not depend on the order or the number of worker processes.
+
+Example:
+    >>> root = ensure_synthetic("data", "market1501", num_ids=100)   # doctest: +SKIP
+    >>> load_dataset("market1501", root, strict=False)                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import time
+
+import cv2
+import numpy as np
+
+from .synthetic_layouts import LAYOUTS, PlannedImage, check_args, plan_dataset, render_planned  # noqa: F401
+from .synthetic_attributes import camera_style, identity_attributes
+from .synthetic_render import render_identity_image
+
+GENERATOR_VERSION = 1  # bump when the drawing changes: ensure_synthetic then rewrites old copies
+MANIFEST = "SYNTHETIC.json"
+
+
+def _render_chunk(args) -> int:
+    items, layout, seed, root = args
+    cv2.setNumThreads(1)  # tiny images: threads cost more than they save, and cores are shared
+    params = [cv2.IMWRITE_JPEG_QUALITY, 92] if LAYOUTS[layout].ext == ".jpg" else []
+    for item in items:
+        ok, buf = cv2.imencode(LAYOUTS[layout].ext, render_planned(item, layout, seed), params)
+        if not ok:
+            raise RuntimeError(f"OpenCV could not encode {item.relpath}")
+        with open(os.path.join(root, item.relpath), "wb") as f:
+            f.write(buf.tobytes())
+    return len(items)
+
+
+def _read_manifest(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_stale_partials(out: str, folder: str) -> None:
+    """Remove temp folders of killed writers (their pid is gone); leave live writers alone."""
+    prefix = f".{folder}.partial-"
+    for entry in os.listdir(out):
+        if entry.startswith(prefix):
+            try:
+                os.kill(int(entry[len(prefix):].split("-")[0]), 0)
+            except (ValueError, ProcessLookupError):
+                shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
+            except PermissionError:
+                pass  # alive, owned by someone else
+
+
+def write_dataset(layout: str, out: str, num_ids: int = 200, num_cams: int | None = None, seed: int = 0,
+                  overwrite: bool = False, images_per_id_cam: tuple | None = None, workers: int = 1) -> str:
+    """Write a synthetic dataset to `<out>/<layout folder>` and return a printable summary.
+
+    The images go to a temp folder beside the target, the manifest (`SYNTHETIC.json`, the
+    parameters) is written last, then the folder is renamed into place: a killed write never
+    leaves a half dataset under the real name.
+
+    Args:
+        layout: "market1501", "dukemtmc" or "cuhk01" (DATASETS.md §1, §2, §4).
+        out: parent folder (created); the dataset lands in e.g. `<out>/Market-1501-v15.09.15`.
+        num_ids: train + test identities (Duke adds ~29 % one-camera gallery identities).
+        num_cams: cameras (default 6 / 8 / 2; CUHK01 has exactly 2).
+        seed: all content is a function of the seed and the other arguments.
+        overwrite: replace an existing synthetic dataset there (a folder without a synthetic
+            manifest, e.g. a real download, is never deleted).
+        images_per_id_cam: (lo, hi) detections per identity and camera (default (1, 3)).
+        workers: processes drawing images (1 = this process).
+
+    Raises:
+        FileExistsError if the target exists and `overwrite` is false, or is not synthetic.
+        ValueError for a bad argument.
+    """
+    spec, cams, per = check_args(layout, num_ids, num_cams, images_per_id_cam, seed)
+    plan = plan_dataset(layout, num_ids, cams, seed, images_per_id_cam)
+    target = os.path.join(out, spec.folder)
+    if os.path.lexists(target):
+        if _read_manifest(target) is None:
+            raise FileExistsError(f"{target} exists and was not written by the synthetic generator "
+                                  f"(no {MANIFEST}); refusing to replace it. Choose another --out.")
+        if not overwrite:
+            raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    os.makedirs(out, exist_ok=True)
+    _remove_stale_partials(out, spec.folder)
+    tmp = os.path.join(out, f".{spec.folder}.partial-{os.getpid()}-{time.monotonic_ns()}")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    try:
+        for split in spec.splits:
+            os.makedirs(os.path.join(tmp, split))
+        workers = max(1, min(int(workers), os.cpu_count() or 1))
+        chunks = [(plan[i::workers], layout, seed, tmp) for i in range(workers)]
+        if workers == 1:
+            _render_chunk(chunks[0])
+        else:
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                pool.map(_render_chunk, chunks)
+        seconds = time.perf_counter() - start
+        manifest = {"generator_version": GENERATOR_VERSION, **_params(layout, num_ids, cams, seed, per),
+                    "counts": _counts(plan), "images": len(plan)}
+        with open(os.path.join(tmp, MANIFEST + ".tmp"), "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        os.replace(os.path.join(tmp, MANIFEST + ".tmp"), os.path.join(tmp, MANIFEST))
+        if os.path.lexists(target):
+            old = f"{tmp}.old"  # named like a partial: removed by the next writer if we die now
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cpu = time.process_time() - cpu_start
+    lines = [f"synthetic {layout} (seed {seed}, {num_ids} ids, {cams} cameras) -> {target}",
+             f"{'split':<36} {'ids':>6} {'images':>7}"]
+    for split, (ids, images) in manifest["counts"].items():
+        lines.append(f"{split:<36} {ids:>6} {images:>7}")
+    rate = f"{len(plan) / seconds:.0f} images/s wall with {workers} worker(s)"
+    if workers == 1:
+        rate += f", {len(plan) / max(cpu, 1e-9):.0f} images per CPU-second"
+    lines.append(f"{len(plan)} images in {seconds:.2f} s ({rate})")
+    return "\n".join(lines)
+
+
+def _params(layout, num_ids, cams, seed, per) -> dict:
+    return {"layout": layout, "num_ids": int(num_ids), "num_cams": int(cams), "seed": int(seed),
+            "images_per_id_cam": [int(per[0]), int(per[1])]}
+
+
+def _counts(plan) -> dict:
+    """{split (with junk/distractors apart): [ids, images]} as the manifest and summary show it."""
+    groups: dict = {}
+    for item in plan:
+        split = item.relpath.split("/")[0]
+        if item.pid == -1:
+            split += " (junk -1)"
+        elif item.pid == 0:
+            split += " (distractor 0000)"
+        groups.setdefault(split, []).append(item.pid)
+    return {k: [len(set(v)), len(v)] for k, v in sorted(groups.items())}
+
+
+def ensure_synthetic(data_dir: str = "data", layout: str = "market1501", num_ids: int = 200, seed: int = 0,
+                     num_cams: int | None = None, images_per_id_cam: tuple | None = None) -> str:
+    """Return `<data_dir>/synthetic/<layout>/<layout folder>`, writing it first if needed.
+
+    A copy whose manifest matches the parameters (and the generator version) is reused; one with
+    other parameters is rewritten; a folder without a manifest is left alone (FileExistsError).
+    """
+    spec, cams, per = check_args(layout, num_ids, num_cams, images_per_id_cam, seed)
+    out = os.path.join(data_dir, "synthetic", layout)
+    target = os.path.join(out, spec.folder)
+    manifest = _read_manifest(target) if os.path.isdir(target) else None
+    wanted = {"generator_version": GENERATOR_VERSION, **_params(layout, num_ids, cams, seed, per)}
+    if manifest is not None and all(manifest.get(k) == v for k, v in wanted.items()):
+        return target
+    try:
+        write_dataset(layout, out, num_ids, cams, seed, overwrite=True, images_per_id_cam=images_per_id_cam)
+    except OSError:
+        # Another process may have renamed the same dataset into place first: then use theirs.
+        manifest = _read_manifest(target)
+        if manifest is None or any(manifest.get(k) != v for k, v in wanted.items()):
+            raise
+    return target
+
+
+def contact_sheet(path: str, pids=(1, 2, 3, 4, 7, 8, 9, 10), layout: str = "market1501", seed: int = 0,
+                  num_cams: int | None = None, per_cam: int = 2) -> np.ndarray:
+    """Write a PNG grid of samples (rows = identities with their attributes, columns = cameras).
+
+    Returns the full-colour BGR sheet; the file is a 256-colour palette PNG, small enough to commit.
+
+    The default rows are two colour groups of four identities each, to show that members of a
+    group share their colours and differ in pattern, lower body, bag, head and shape.
+    """
+    spec, cams, _ = check_args(layout, max(2, max(pids)), num_cams, None, seed)
+    h, w = spec.size
+    label_w, head_h, gap = 150, 18, 2
+    sheet = np.full((head_h + len(pids) * (h + gap), label_w + cams * per_cam * (w + gap), 3), 255, np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for c in range(cams):
+        x = label_w + c * per_cam * (w + gap)
+        cv2.putText(sheet, f"camera {c + 1}", (x + 4, 13), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    for row, pid in enumerate(pids):
+        ident = identity_attributes(seed, pid)
+        y = head_h + row * (h + gap)
+        text = [f"id {pid:04d}  group {ident.group}", ident.pattern, f"{ident.lower_type}, {ident.sleeves} sleeves",
+                ident.bag.replace("_", " "), ident.head.replace("_", " "),
+                f"height {ident.height:.2f} width {ident.width:.2f}"]
+        for i, line in enumerate(text):
+            cv2.putText(sheet, line, (4, y + 16 + 17 * i), font, 0.36, (0, 0, 0), 1, cv2.LINE_AA)
+        for c in range(cams):
+            camera = camera_style(seed, c + 1)
+            views = None if layout != "cuhk01" else (("front", "back") if c == 0 else ("left", "right"))
+            for k in range(per_cam):
+                rng = np.random.default_rng([seed, 51, pid, c + 1, k])
+                x = label_w + (c * per_cam + k) * (w + gap)
+                sheet[y:y + h, x:x + w] = render_identity_image(ident, camera, rng, spec.size, views, "detection")
+    from PIL import Image  # only here: a 256-colour palette PNG is ~4x smaller than cv2's RGB one
+
+    tmp = f"{path}.tmp.png"
+    rgb = Image.fromarray(np.ascontiguousarray(sheet[:, :, ::-1]))
+    rgb.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(tmp, optimize=True)
+    os.replace(tmp, path)
+    return sheet
