@@ -24,6 +24,7 @@ setup(
         "matplotlib>=3.6",
         "psutil>=5.9",
         "scikit-learn>=1.2",
+        "tensorboard>=2.16",  # the TensorBoard callback; tensorflow-cpu 2.21 no longer pulls it in
     ],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],

@@ -1,0 +1,140 @@
+"""`python -m reid_keras.train --model siamese_b0`: train, evaluate, plot and export one model.
+
+With no other argument the run uses the built-in synthetic pedestrians (written once under
+`data/`), trains on their training identities, evaluates on the held-out identities with the
+evaluation engine, writes plots and exports a SavedModel, all under `runs/<name>/`.
+
+Every preset value can be overridden by a flag; `--preset paper` switches to the recipe of the
+model's paper (e.g. the EfficientNet siamese paper's CUHK01 recipe: 160x80, RMSprop 1e-4,
+batch 48, 18 epochs).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEFAULT_OUTPUT = "runs"
+
+
+def _image_size(text: str) -> tuple:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--image-size must look like 160x80 (height x width), got {text!r}")
+    if height < 32 or width < 32:
+        raise argparse.ArgumentTypeError(f"--image-size {text}: both sides must be >= 32 pixels "
+                                         "(EfficientNet/ResNet downsample 32x)")
+    return height, width
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from reid_keras.models.presets import PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="python -m reid_keras.train", description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, choices=sorted(PRESETS), metavar="PRESET",
+                   help=f"model preset, one of: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--preset", choices=["default", "paper"], default="default",
+                   help="recipe: 'default' (quick, sized for the synthetic data on a CPU) or 'paper'")
+    p.add_argument("--dataset", default="synthetic",
+                   help="synthetic, market1501, dukemtmc, msmt17, cuhk01 or cuhk03")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder (or its parent); for synthetic, where it is written (default data/)")
+    p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="loader option, e.g. split=half or box_type=detected (repeatable)")
+    p.add_argument("--weights", default=None, help="imagenet, none, or a weights file (preset default)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (preset default)")
+    p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
+                   help="batches per epoch (default: one pass over the pairs of an epoch)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="global batch size (pairs)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (preset default)")
+    p.add_argument("--optimizer", choices=["rmsprop", "adam", "sgd"], default=None, help="optimizer (preset default)")
+    p.add_argument("--synthetic-ids", type=_positive_int, default=None,
+                   help="identities of the synthetic dataset (default 300; written once per value)")
+    p.add_argument("--image-size", type=_image_size, default=None, help="HEIGHTxWIDTH, e.g. 160x80")
+    p.add_argument("--head", choices=["softmax", "sigmoid"], default=None,
+                   help="verification head: 2-way softmax (paper) or 1-unit sigmoid (authors' code)")
+    p.add_argument("--output", default=DEFAULT_OUTPUT, help="folder that holds the run folders")
+    p.add_argument("--name", default=None, help="run folder name (default: model-dataset-time)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, augmentation and initialisation")
+    p.add_argument("--mixed-precision", action="store_true", help="float16 compute (GPUs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run named by --name (or the latest run of --model) where it stopped")
+    p.add_argument("--devices", default=None,
+                   help="comma-separated devices to mirror over, e.g. /cpu:0,/cpu:1 (default: all GPUs)")
+    p.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+    p.add_argument("--no-plots", action="store_true", help="skip the evaluation plots")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    """Preset values, then the recipe, then the flags the user gave."""
+    from reid_keras.models.presets import get_preset
+
+    config = dict(get_preset(args.model))
+    config.update(config.pop("recipes", {}).get(args.preset, {}))
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
+                 "synthetic_ids": args.synthetic_ids, "optimizer": args.optimizer,
+                 "image_size": args.image_size, "head": args.head, "weights": args.weights,
+                 "steps_per_epoch": args.steps_per_epoch}
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    config.update(model=args.model, recipe=args.preset, dataset=args.dataset, seed=args.seed,
+                  data_root=args.data_root, dataset_options=_parse_options(args.dataset_option),
+                  mixed_precision=args.mixed_precision, output=args.output, resume=args.resume,
+                  devices=args.devices)
+    if isinstance(config.get("image_size"), list):
+        config["image_size"] = tuple(config["image_size"])
+    return config
+
+
+def _parse_options(pairs: list) -> dict:
+    options = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--dataset-option expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
+
+
+def run(argv=None, extra_callbacks=None) -> str:
+    """Parse `argv`, train, evaluate and export; returns the run folder (errors propagate)."""
+    args = build_parser().parse_args(argv)
+    config = resolve_config(args)
+    from reid_keras.training.runner import run_training
+
+    return run_training(config, name=args.name, export=not args.no_export, plots=not args.no_plots,
+                        extra_callbacks=extra_callbacks or [])
+
+
+def main(argv=None, extra_callbacks=None) -> int:
+    """The CLI: like `run`, but a bad argument or dataset ends with a message and exit code 2."""
+    try:
+        run(argv, extra_callbacks)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        if os.environ.get("REID_KERAS_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    start = time.time()
+    code = main()
+    if code == 0:
+        print(f"done in {time.time() - start:.0f} s", file=sys.stderr)
+    sys.exit(code)

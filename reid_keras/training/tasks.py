@@ -1,0 +1,138 @@
+"""Model families as trainer tasks: how to build, feed, evaluate and export each preset's model.
+
+A task turns a resolved config (preset + recipe + flags) into
+- `build(num_train_ids)` -> (compiled keras.Model, weights info dict), called inside the strategy scope;
+- `train_dataset(records, initial_epoch, epochs, global_batch)` -> (tf.data.Dataset, steps_per_epoch);
+- `evaluate(model, dataset, run_dir, plots)` -> metrics dict;
+- `export(model, out_dir)`.
+The runner (`training/runner.py`) does the rest identically for every family.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+
+def make_task(config: dict):
+    family = config.get("family")
+    if family == "siamese":
+        return SiameseTask(config)
+    raise ValueError(f"preset {config.get('model')!r} has family {family!r}, which the trainer does not know")
+
+
+class SiameseTask:
+    """Siamese verification network of efficientnet_siamese_cuhk01.txt (pairs in, P(same) out)."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.image_size = tuple(config["image_size"])
+
+    def build(self, num_train_ids: int):
+        from reid_keras.models.siamese import build_siamese, compile_siamese
+
+        c = self.config
+        weights = None if str(c.get("weights")).lower() in ("none", "null") else c.get("weights")
+        model, info = build_siamese(c["backbone"], self.image_size, weights=weights, dropout=c["dropout"],
+                                    head=c["head"], pooling=c.get("pooling", "avg"),
+                                    feature_dim=c.get("feature_dim"), return_weights_info=True)
+        # XLA makes EfficientNet ~10x slower on CPU; GPUs may opt in through the preset.
+        compile_siamese(model, learning_rate=c["learning_rate"], optimizer=c.get("optimizer", "rmsprop"),
+                        jit_compile=c.get("jit_compile", False))
+        return model, info.to_dict()
+
+    def train_dataset(self, records, initial_epoch: int, epochs: int, global_batch: int):
+        from reid_keras.data.augment import AugmentConfig
+        from reid_keras.data.pipelines import pair_dataset
+        from reid_keras.data.samplers import PairRatioSchedule
+
+        c = self.config
+        ratio = c.get("pair_ratio", 1.0)
+        schedule = PairRatioSchedule.idver() if ratio == "idver" else PairRatioSchedule.fixed(float(ratio))
+        augment = AugmentConfig(**c["augment"]) if c.get("augment") else None
+        pairs = c.get("pairs_per_epoch") or len(records)
+        if c.get("steps_per_epoch"):
+            pairs = c["steps_per_epoch"] * global_batch
+        ds = pair_dataset(records, self.image_size, global_batch, pairs_per_epoch=pairs, schedule=schedule,
+                          preprocess=c["preprocessing"], augment=augment, seed=c["seed"], epochs=epochs,
+                          initial_epoch=initial_epoch)
+        return ds, max(pairs // global_batch, 1)
+
+    # -- evaluation -------------------------------------------------------------------------
+    def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:
+        """Embedding (cosine) evaluation with plots, plus ranking by the verification head itself."""
+        from reid_keras import evaluate as evaluation
+        from reid_keras.metrics import evaluate_ranking
+        from reid_keras.models.loading import EmbeddingModel
+
+        c = self.config
+        out = os.path.join(run_dir, "evaluation")
+        args = evaluation.build_parser().parse_args(
+            ["--model", os.path.join(run_dir, "best.keras"), "--dataset", dataset.name,
+             "--data-root", dataset.root, "--out", out, "--seed", str(c["seed"])]
+            + ([] if plots else ["--no-plots"]))
+        embedding = model.get_layer("embedding")
+        wrapped = EmbeddingModel(embed_fn=lambda x: embedding(x, training=False), image_size=self.image_size,
+                                 preprocessing=c["preprocessing"], source=os.path.join(run_dir, "best.keras"),
+                                 kind="keras")
+        metrics = {"embedding_cosine": evaluation.run(wrapped, dataset, out, args, self.image_size)}
+
+        query, gallery = (self._raw_features(embedding, getattr(dataset, s)) for s in ("query", "gallery"))
+        distmat = verification_distance(model, query, gallery)
+        head = evaluate_ranking(distmat, query_pids=[r.pid for r in dataset.query],
+                                gallery_pids=[r.pid for r in dataset.gallery],
+                                query_cams=[r.camid for r in dataset.query],
+                                gallery_cams=[r.camid for r in dataset.gallery])
+        metrics["verification_head"] = {
+            "rank1": float(head["cmc"][0]), "rank5": float(head["cmc"][4]), "rank10": float(head["cmc"][9]),
+            "mAP": float(head["mAP"]), "mINP": float(head["mINP"]), "ap_variant": head["ap_variant"],
+            "num_valid_queries": int(head["num_valid_queries"]),
+            "num_invalid_queries": int(head["num_invalid_queries"])}
+        return metrics
+
+    def _raw_features(self, embedding, records) -> np.ndarray:
+        """Un-normalised embeddings (the head was trained on them), aligned with `records`."""
+        from reid_keras.data.pipelines import image_dataset
+
+        ds = image_dataset(records, self.image_size, 64, preprocess=self.config["preprocessing"], with_meta=True)
+        features, index = [], []
+        for images, meta in ds:
+            features.append(np.asarray(embedding(images, training=False), dtype=np.float32))
+            index.append(meta["index"].numpy())
+        index = np.concatenate(index) if index else np.zeros(0, int)
+        if len(index) != len(records):
+            missing = sorted(set(range(len(records))) - set(index.tolist()))
+            raise ValueError(f"{len(missing)} evaluation image(s) could not be decoded, e.g. {records[missing[0]].path}")
+        return np.concatenate(features)[np.argsort(index)]
+
+    @staticmethod
+    def format_metrics(metrics: dict) -> str:
+        rows = ["| ranking by | rank-1 | rank-5 | rank-10 | mAP | mINP |", "| --- | --- | --- | --- | --- | --- |"]
+        for name, m in (("embedding, cosine", metrics["embedding_cosine"]),
+                        ("verification head", metrics["verification_head"])):
+            rows.append(f"| {name} | {100 * m['rank1']:.1f} | {100 * m['rank5']:.1f} | {100 * m['rank10']:.1f} | "
+                        f"{100 * m['mAP']:.1f} | {100 * m['mINP']:.1f} |")
+        return "\n".join(rows)
+
+    def export(self, model, out_dir: str) -> None:
+        from reid_keras.export import export_model
+
+        export_model(model, out_dir, image_size=self.image_size, preprocessing=self.config["preprocessing"])
+
+
+def verification_distance(model, query_features: np.ndarray, gallery_features: np.ndarray) -> np.ndarray:
+    """Rank-equivalent distance of the siamese head: -(logit(same) - logit(different)).
+
+    The head computes `softmax(W^T (f1 - f2)^2 + b)`, so `logit_same - logit_diff = sum_k w_k
+    (q_k - g_k)^2 + const` with `w = W[:, same] - W[:, different]` (sigmoid head: `w = W[:, 0]`).
+    Expanding the square gives three matrix products instead of Q x G forward passes, and ranking by
+    it equals ranking by the head's P(same) exactly (dropout is off at test time).
+    """
+    from reid_keras.models.siamese import SAME_INDEX
+
+    kernel = np.asarray(model.get_layer("verification").kernel.numpy(), dtype=np.float64)
+    w = kernel[:, SAME_INDEX] - kernel[:, 1 - SAME_INDEX] if kernel.shape[1] == 2 else kernel[:, 0]
+    q = np.asarray(query_features, dtype=np.float64)
+    g = np.asarray(gallery_features, dtype=np.float64)
+    score = (q * q) @ w[:, None] + ((g * g) @ w)[None, :] - 2.0 * (q * w) @ g.T
+    return (-score).astype(np.float32)

@@ -1,0 +1,125 @@
+"""The training CLI end to end on a tiny synthetic set: run folder, resume after a crash, errors,
+and the 2-replica MirroredStrategy step."""
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from reid_keras import train
+
+TINY = ["--model", "siamese_b0", "--weights", "none", "--steps-per-epoch", "2", "--batch-size", "4",
+        "--image-size", "64x32", "--synthetic-ids", "12", "--seed", "3"]
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashInEpoch(keras.callbacks.Callback):
+    """Simulates a kill: raises after the first batch of `epoch` (0-based)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch, self.current = epoch, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.current = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.current == self.epoch:
+            raise Crash(f"killed in epoch {self.epoch + 1}")
+
+
+@pytest.mark.slow
+def test_run_killed_mid_epoch_resumes_and_finishes(tmp_path):
+    args = TINY + ["--epochs", "3", "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "runs"),
+                   "--name", "r"]
+    with pytest.raises(Crash):
+        train.run(args, extra_callbacks=[CrashInEpoch(epoch=2)])
+    run_dir = tmp_path / "runs" / "r"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state == {"completed_epochs": 2, "batch": 0}
+    assert (run_dir / "last.keras").is_file() and not (run_dir / "metrics.json").exists()
+    assert not [p for p in os.listdir(run_dir) if ".tmp" in p], "a temporary file was left behind"
+
+    # Same arguments + --resume: continues at epoch 3 and finishes the whole run.
+    assert train.main(args + ["--resume"]) == 0
+    with open(run_dir / "history.csv") as handle:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
+    assert epochs == [0, 1, 2]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"] == "siamese_b0" and config["image_size"] == [64, 32]
+    assert config["runtime_weights"]["used"] == "none"
+    assert config["runtime_dataset"]["train"]["ids"] == 6
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for ranking in ("embedding_cosine", "verification_head"):
+        assert 0.0 <= metrics[ranking]["rank1"] <= 1.0 and 0.0 <= metrics[ranking]["mAP"] <= 1.0
+        assert metrics[ranking]["num_valid_queries"] > 0
+    for plot in ("cmc.png", "ranked_lists.png", "camera_heatmap.png", "distance_histograms.png", "tsne.png"):
+        path = run_dir / "evaluation" / plot
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
+    export = run_dir / "export"
+    assert (export / "saved_model.pb").is_file()
+    served = tf.saved_model.load(str(export))
+    out = served.embed(tf.constant(np.full((1, 90, 40, 3), 120, np.uint8)))
+    out = out["embedding"] if isinstance(out, dict) else out
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(out), axis=1), 1.0, atol=1e-5)
+
+    # A resume with a different model configuration is refused, naming the key.
+    assert train.main(args + ["--resume", "--lr", "0.5"]) == 2
+
+
+def test_bad_flags_give_clear_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--model", "siamese_b9"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'siamese_b9'" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        train.main(["--model", "siamese_b0", "--image-size", "160by80"])
+    assert "--image-size must look like 160x80" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--model", "siamese_b0", "--image-size", "16x8"])
+    assert "both sides must be >= 32" in capsys.readouterr().err
+
+    missing = tmp_path / "nowhere"
+    code = train.main(["--model", "siamese_b0", "--dataset", "market1501", "--data-root", str(missing),
+                       "--output", str(tmp_path / "runs")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err
+
+    code = train.main(["--model", "siamese_b0", "--dataset", "cuhk01", "--output", str(tmp_path / "runs")])
+    assert code == 2 and "--data-root is required" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_replica_mirrored_first_step_loss_equals_one_device():
+    from reid_keras.models.siamese import build_siamese, compile_siamese
+    from reid_keras.training.distribute import choose_strategy, synchronize_batch_norm
+
+    rng = np.random.default_rng(0)
+    images_a = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    images_b = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    same = np.array([1, 0, 1, 0, 0, 1, 1, 0], np.int32)
+
+    def first_step_loss(devices):
+        strategy = choose_strategy(devices)
+        keras.utils.set_random_seed(7)
+        with strategy.scope():
+            model = build_siamese("efficientnetb0", (32, 32), weights=None, dropout=0.0)
+            assert synchronize_batch_norm(model) == 49  # every BN of EfficientNet-B0
+            compile_siamese(model, learning_rate=1e-4, jit_compile=False)
+        data = tf.data.Dataset.from_tensor_slices(((images_a, images_b), same)).batch(8)
+        history = model.fit(data, epochs=1, verbose=0)
+        return strategy.num_replicas_in_sync, history.history["loss"][0]
+
+    replicas_one, loss_one = first_step_loss(["/cpu:0"])
+    replicas_two, loss_two = first_step_loss(["/cpu:0", "/cpu:1"])
+    assert (replicas_one, replicas_two) == (1, 2)
+    np.testing.assert_allclose(loss_two, loss_one, rtol=1e-5)
