@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from reid_keras.io_utils import atomic_write_text
+from reid_keras.io_utils import atomic_write_json, atomic_write_text
 
 RANKS = (1, 5, 10, 20)
 CSV_FIELDS = ["time", "model", "dataset", "variant", "ap_variant", "flip", "rank1", "rank5", "rank10", "rank20",
@@ -161,7 +161,7 @@ def _jsonable(value):
 
 def write_json(path: str, data: dict) -> str:
     """Atomic JSON write; NaN becomes null (strict JSON readers reject NaN)."""
-    return atomic_write_text(path, json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
+    return atomic_write_json(path, _jsonable(data), sort_keys=False, allow_nan=False)
 
 
 def append_csv_row(path: str, row: dict) -> str:

@@ -24,43 +24,39 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from reid_keras.data.preprocessing import PREPROCESSING_MODES, check_preprocessing, preprocess
+
 METADATA_FILE = "reid_keras_export.json"
 FORMAT = "reid_keras.export/1"
-# Backbone preprocessing by name, applied to float 0..255 pixels after resizing. EfficientNet (and
-# "none") normalise inside the model; the keras.applications "caffe" / "tf" / "torch" modes cover
-# ResNet50 / VGG16 / MobileNet / DenseNet-style backbones (same names as models/loading.py).
-_MODES = {"efficientnet": None, "none": None, "raw": None, "unit": "unit", "caffe": "caffe",
-          "resnet50": "caffe", "vgg16": "caffe", "tf": "tf", "torch": "torch"}
-PREPROCESSING = tuple(_MODES)
+# Accepted --preprocessing names; the names and the math live in reid_keras.data.preprocessing.
+PREPROCESSING = tuple(PREPROCESSING_MODES)
 
 
 class ExportError(ValueError):
     """The model or the arguments cannot be exported as asked."""
 
 
-def check_preprocessing(name: str) -> str:
-    if name not in _MODES:
-        raise ExportError(f"unknown preprocessing {name!r}: expected one of {', '.join(PREPROCESSING)}")
-    return name
+def _check_preprocessing(name: str) -> str:
+    try:
+        return check_preprocessing(name)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
 
 
 def prepare_images(images, image_size: Sequence[int], preprocessing: str = "efficientnet"):
     """uint8 (or float 0..255) `[N, H, W, 3]` → float32 `[N, height, width, 3]` network input.
 
     Bilinear resize without antialiasing (`keras.ops.image.resize`, i.e. `tf.image.resize`), then
-    the named preprocessing. Works eagerly and inside `tf.function`.
+    the named preprocessing (`reid_keras.data.preprocessing.preprocess`). Works eagerly and inside
+    `tf.function`.
     """
     import keras
 
-    mode = _MODES[check_preprocessing(preprocessing)]
+    _check_preprocessing(preprocessing)
     x = keras.ops.cast(images, "float32")
     x = keras.ops.image.resize(x, (int(image_size[0]), int(image_size[1])), interpolation="bilinear",
                                antialias=False)
-    if mode == "unit":
-        return x / 255.0
-    if mode is not None:
-        x = keras.applications.imagenet_utils.preprocess_input(x, mode=mode)
-    return x
+    return preprocess(x, preprocessing)
 
 
 def _check_model(model):
@@ -148,7 +144,7 @@ def export_model(model, out_dir: str, image_size: Optional[Sequence[int]] = None
     if None not in fixed and fixed != (height, width):
         raise ExportError(f"image_size {(height, width)} differs from the input size {fixed} model "
                           f"{model.name!r} was built (and trained) for")
-    check_preprocessing(preprocessing)
+    _check_preprocessing(preprocessing)
     module = _export_module(model, embedding, (height, width), preprocessing)
     metadata = {
         "format": FORMAT,

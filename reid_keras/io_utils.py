@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Callable, Optional
 
 
 def _parent(path: str) -> str:
@@ -29,13 +30,32 @@ def _publish_mode(path: str, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def atomic_write_text(path: str, text: str, encoding: str = "utf-8") -> str:
-    """Write `text` to `path` atomically; returns `path`."""
-    fd, tmp = tempfile.mkstemp(dir=_parent(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+# Compound extensions kept whole on temporary files: Keras picks the format from them.
+_COMPOUND_SUFFIXES = (".weights.h5",)
+
+
+def _suffix(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in _COMPOUND_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    return os.path.splitext(name)[1]
+
+
+def atomic_write(path: str, write_fn: Callable[[str], object]) -> str:
+    """Call `write_fn(tmp)` to write a temporary file, then move it over `path`; returns `path`.
+
+    `tmp` is in `path`'s folder and ends with the same extension (".keras", ".weights.h5",
+    ".npz", ".png", ...) because Keras, numpy and matplotlib choose the format from it. The file
+    is flushed to disk before the rename. On any exception (including KeyboardInterrupt) the
+    temporary file is removed and `path` keeps its old content.
+    """
+    fd, tmp = tempfile.mkstemp(dir=_parent(path), prefix=f".{os.path.basename(path)}.",
+                               suffix=f".tmp{_suffix(path)}")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding=encoding) as handle:
-            handle.write(text)
-            handle.flush()
+        write_fn(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         _publish_mode(tmp)
         os.replace(tmp, path)
@@ -46,9 +66,31 @@ def atomic_write_text(path: str, text: str, encoding: str = "utf-8") -> str:
     return path
 
 
-def atomic_write_json(path: str, obj, indent: int = 2) -> str:
-    """Write `obj` as JSON to `path` atomically (tuples become lists); returns `path`."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+def atomic_write_bytes(path: str, data: bytes) -> str:
+    """Write `data` to `path` atomically; returns `path`."""
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+    return atomic_write(path, write)
+
+
+def atomic_write_text(path: str, text: str, encoding: str = "utf-8") -> str:
+    """Write `text` to `path` atomically; returns `path`."""
+    def write(tmp):
+        with open(tmp, "w", encoding=encoding) as handle:
+            handle.write(text)
+    return atomic_write(path, write)
+
+
+def atomic_write_json(path: str, obj, indent: Optional[int] = 2, sort_keys: bool = True,
+                      default: Optional[Callable] = None, allow_nan: bool = True) -> str:
+    """Write `obj` as JSON (plus a final newline) to `path` atomically; returns `path`.
+
+    Tuples become lists. `default` converts values JSON lacks (e.g. `str`); `allow_nan=False`
+    raises on NaN / inf instead of writing tokens that strict readers reject.
+    """
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default, allow_nan=allow_nan)
+    return atomic_write_text(path, text + "\n")
 
 
 def atomic_save_keras(model, path: str) -> str:
@@ -59,17 +101,7 @@ def atomic_save_keras(model, path: str) -> str:
     """
     if not str(path).endswith(".keras"):
         raise ValueError(f"atomic_save_keras: {path!r} must end in .keras")
-    fd, tmp = tempfile.mkstemp(dir=_parent(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp.keras")
-    os.close(fd)
-    try:
-        model.save(tmp)
-        _publish_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, model.save)
 
 
 @contextlib.contextmanager

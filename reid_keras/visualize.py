@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from reid_keras.io_utils import atomic_write
+
 
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure  # Agg canvas via Figure.savefig: no pyplot, no display
@@ -30,18 +32,8 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
-    tmp = os.path.join(folder, f".plot-{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format=ext, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=ext, bbox_inches="tight"))
 
 
 def plot_cmc(curves, path: str, title: str = "CMC curve", max_rank: Optional[int] = None) -> str:

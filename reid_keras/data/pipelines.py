@@ -2,7 +2,7 @@
 
 All three read files by path inside the graph (no Python generator, no py_function in the hot
 path): `tf.io.read_file` -> `decode_image` -> resize -> optional augmentation (`augment.py`) ->
-backbone normalisation (`preprocessing_for`). Only paths and integer indices live in memory.
+backbone normalisation (`preprocessing.preprocessing_for`). Only paths and integer indices live in memory.
 
 Undecodable files (empty, truncated, not an image) never end an epoch: each stream applies
 `ignore_errors(log_warning=True)` right after decoding, so a bad element is dropped and TensorFlow
@@ -12,7 +12,6 @@ front and returns the good records plus a counted `SkipReport`.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -21,6 +20,8 @@ import tensorflow as tf
 
 from reid_keras.data.augment import AugmentConfig, as_hw, augment_image
 from reid_keras.data.datasets.base import ImageRecord, SkipReport
+# Re-exported: callers and tests name the normalisation through this module.
+from reid_keras.data.preprocessing import Preprocessing, preprocessing_for  # noqa: F401
 from reid_keras.data.samplers import PairRatioSchedule, PairSampler, PKSampler
 
 logger = logging.getLogger(__name__)
@@ -28,45 +29,6 @@ AUTOTUNE = tf.data.AUTOTUNE
 _PNG = b"\x89PNG\r\n\x1a\n"
 # Formats tf.io.decode_image reads, by leading bytes: JPEG, PNG, GIF, BMP, WebP (RIFF).
 _MAGICS = (b"\xff\xd8\xff", _PNG, b"GIF8", b"BM", b"RIFF")
-_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)  # keras.applications "caffe" mode (ImageNet, BGR)
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocessing:
-    """Backbone normalisation applied to 0..255 RGB float images; `value_range` bounds its output."""
-
-    name: str
-    mode: str
-    value_range: tuple
-
-    def __call__(self, images):
-        if self.mode == "unit":
-            return images / 255.0
-        if self.mode == "caffe":
-            # keras.applications.{resnet50,vgg16}.preprocess_input: RGB -> BGR, minus ImageNet mean.
-            return tf.reverse(images, axis=[-1]) - tf.constant(_CAFFE_MEAN_BGR, images.dtype)
-        return images
-
-
-_CAFFE_NAMES = ("resnet50", "resnet101", "resnet152", "vgg16", "vgg19")
-
-
-def preprocessing_for(backbone_name: str) -> Preprocessing:
-    """The input normalisation a backbone expects.
-
-    "efficientnet*" (Keras EfficientNets rescale and normalise inside the model: feed 0..255),
-    "resnet50" / "vgg16" (and resnet101/152, vgg19: Caffe mode, BGR minus ImageNet mean),
-    "unit" (0..1), "none" (0..255 unchanged).
-    """
-    key = str(backbone_name).lower().replace("_", "").replace("-", "")
-    if key.startswith("efficientnet") or key == "none":
-        return Preprocessing(str(backbone_name), "raw", (0.0, 255.0))
-    if key == "unit":
-        return Preprocessing("unit", "unit", (0.0, 1.0))
-    if key in _CAFFE_NAMES:
-        return Preprocessing(key, "caffe", (-max(_CAFFE_MEAN_BGR), 255.0 - min(_CAFFE_MEAN_BGR)))
-    raise ValueError(f"unknown preprocessing {backbone_name!r}: expected 'efficientnet...', "
-                     f"one of {', '.join(_CAFFE_NAMES)}, 'unit' or 'none'")
 
 
 def decode_image(contents, path=""):

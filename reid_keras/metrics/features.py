@@ -14,6 +14,8 @@ from typing import Optional
 
 import numpy as np
 
+from reid_keras.io_utils import atomic_write
+
 
 @dataclasses.dataclass
 class FeatureSet:
@@ -46,24 +48,17 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
 
 def save_features(path: str, features: FeatureSet, key: Optional[str] = None) -> str:
     """Write `features` to `path` (.npz) atomically: a temp file in the same folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     meta = dict(features.meta)
     if key is not None:
         meta["cache_key"] = key
-    # A plain open() (not mkstemp) so the file gets the usual umask permissions, not 0600.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
+
+    def write(tmp):
+        with open(tmp, "wb") as out:  # a file object: np.savez would append ".npz" to a bare name
             np.savez(out, features=features.features.astype(np.float32), pids=features.pids.astype(np.int64),
                      camids=features.camids.astype(np.int64), paths=np.asarray(features.paths, dtype=str),
                      meta=np.asarray(json.dumps(meta, sort_keys=True)))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def load_features(path: str) -> FeatureSet:

@@ -19,30 +19,24 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from reid_keras.data.preprocessing import preprocess, preprocessing_mode
+
 
 class ModelLoadError(ValueError):
     """The model path does not exist or does not hold a usable embedding model."""
 
 
-# Backbone preprocessing by name, applied to float 0..255 pixels: the same names and modes as
-# reid_keras.export (EfficientNet normalises inside the model; ResNet50 / VGG16 expect caffe mode).
-PREPROCESSING_MODES = {"efficientnet": None, "none": None, "raw": None, "unit": "unit", "caffe": "caffe",
-                       "resnet50": "caffe", "vgg16": "caffe", "tf": "tf", "torch": "torch"}
-
-
 def _preprocess_fn(name: Optional[str]) -> Callable:
+    """numpy -> numpy backbone preprocessing (reid_keras.data.preprocessing); None means none."""
     if name in (None, ""):
         return lambda x: x
-    if name not in PREPROCESSING_MODES:
-        raise ModelLoadError(f"unknown preprocessing {name!r}: expected one of {', '.join(PREPROCESSING_MODES)}")
-    mode = PREPROCESSING_MODES[name]
-    if mode is None:
+    try:
+        mode = preprocessing_mode(name)
+    except ValueError as err:
+        raise ModelLoadError(str(err)) from None
+    if mode == "raw":
         return lambda x: x
-    if mode == "unit":
-        return lambda x: x / 255.0
-    import keras
-
-    return lambda x: np.asarray(keras.applications.imagenet_utils.preprocess_input(np.array(x), mode=mode))
+    return lambda x: np.asarray(preprocess(x, name))
 
 
 @dataclasses.dataclass

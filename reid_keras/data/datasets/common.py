@@ -5,9 +5,7 @@ published counts; a small custom subset (or the synthetic data) is not checked.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 
 from reid_keras.data.datasets.base import DatasetLayoutError, ReidDataset, SkipReport, check_counts
 from reid_keras.data.imagefiles import list_image_files
@@ -50,31 +48,3 @@ def verify_counts(name: str, found: dict, expected: dict, strict: bool | None) -
                      for k, v in expected.items() if k.endswith("images"))
     check_counts(name, found, expected, bool(strict))
     return bool(strict)
-
-
-def write_json_atomic(path: str, payload) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write `data` to a temporary file next to `path`, then rename it (no half-written files)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -22,7 +22,8 @@ import numpy as np
 
 from reid_keras.data.datasets.base import (DatasetLayoutError, ImageRecord, ReidDataset, SkipReport,
                                            relabel, resolve_root)
-from reid_keras.data.datasets.common import scan_split_folder, verify_counts, write_json_atomic
+from reid_keras.data.datasets.common import scan_split_folder, verify_counts
+from reid_keras.io_utils import atomic_write_json
 
 NAME_RE = re.compile(r"^(\d{4})(\d{3})\.[A-Za-z]+$")
 SPLITS = ("paper871", "random100", "half")
@@ -96,7 +97,7 @@ def load_or_make_splits(path: str, ids: list, split: str, seed: int) -> list:
     payload = {"dataset": "cuhk01", "split": split, "seed": seed, "ids": sorted(ids), "splits": splits,
                "rng": "numpy.random.default_rng(seed).permutation, test = first ids of each permutation"}
     try:
-        write_json_atomic(path, payload)
+        atomic_write_json(path, payload, indent=1)
     except OSError as err:
         raise DatasetLayoutError(f"cannot write the split file {path} ({err}); pass split_file= a "
                                  "writable path (file or folder)") from err

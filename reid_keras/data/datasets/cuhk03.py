@@ -22,9 +22,9 @@ import numpy as np
 
 from reid_keras.data.datasets.base import (DatasetLayoutError, ImageRecord, ReidDataset, SkipReport,
                                            relabel, resolve_root)
-from reid_keras.data.datasets.common import (split_counts, verify_counts, write_bytes_atomic,
-                                             write_json_atomic)
+from reid_keras.data.datasets.common import split_counts, verify_counts
 from reid_keras.data.imagefiles import probe_image_file
+from reid_keras.io_utils import atomic_write_bytes, atomic_write_json
 
 BOX_TYPES = ("labeled", "detected")
 PROTOCOLS = ("classic", "new")
@@ -107,12 +107,12 @@ def decode_mat(mat_path: str, box_type: str, cache_dir: str) -> dict:
                         ok, data = cv2.imencode(".png", bgr)
                         if not ok:
                             raise DatasetLayoutError(f"cannot encode image {name} of {mat_path}")
-                        write_bytes_atomic(path, data.tobytes())
+                        atomic_write_bytes(path, data.tobytes())
                     names.append(name)
         testsets = [deref(ref).astype(int).tolist() for ref in mat["testsets"][()].T.ravel()]
     index = {"source": os.path.abspath(mat_path), "box_type": box_type, "images": names,
              "empty slots": empty, "testsets": testsets}
-    write_json_atomic(os.path.join(cache_dir, INDEX_NAME), index)
+    atomic_write_json(os.path.join(cache_dir, INDEX_NAME), index, indent=1)
     return index
 
 

@@ -23,6 +23,8 @@ import time
 import cv2
 import numpy as np
 
+from reid_keras.io_utils import atomic_write, atomic_write_json
+
 from .synthetic_layouts import LAYOUTS, PlannedImage, check_args, plan_dataset, render_planned  # noqa: F401
 from .synthetic_attributes import camera_style, identity_attributes
 from .synthetic_render import render_identity_image
@@ -114,9 +116,7 @@ def write_dataset(layout: str, out: str, num_ids: int = 200, num_cams: int | Non
         seconds = time.perf_counter() - start
         manifest = {"generator_version": GENERATOR_VERSION, **_params(layout, num_ids, cams, seed, per),
                     "counts": _counts(plan), "images": len(plan)}
-        with open(os.path.join(tmp, MANIFEST + ".tmp"), "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        os.replace(os.path.join(tmp, MANIFEST + ".tmp"), os.path.join(tmp, MANIFEST))
+        atomic_write_json(os.path.join(tmp, MANIFEST), manifest, indent=1)
         if os.path.lexists(target):
             old = f"{tmp}.old"  # named like a partial: removed by the next writer if we die now
             os.rename(target, old)
@@ -219,8 +219,7 @@ def contact_sheet(path: str, pids=(1, 2, 3, 4, 7, 8, 9, 10), layout: str = "mark
                 sheet[y:y + h, x:x + w] = render_identity_image(ident, camera, rng, spec.size, views, "detection")
     from PIL import Image  # only here: a 256-colour palette PNG is ~4x smaller than cv2's RGB one
 
-    tmp = f"{path}.tmp.png"
-    rgb = Image.fromarray(np.ascontiguousarray(sheet[:, :, ::-1]))
-    rgb.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(tmp, optimize=True)
-    os.replace(tmp, path)
+    palette = Image.fromarray(np.ascontiguousarray(sheet[:, :, ::-1])).quantize(
+        256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    atomic_write(path, lambda tmp: palette.save(tmp, format="PNG", optimize=True))
     return sheet
