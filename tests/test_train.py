@@ -98,6 +98,12 @@ def test_bad_flags_give_clear_errors(tmp_path, capsys):
     assert code == 2 and "--data-root is required" in capsys.readouterr().err
 
 
+def _all_layers(layer):
+    for sub in getattr(layer, "layers", []):
+        yield sub
+        yield from _all_layers(sub)
+
+
 @pytest.mark.slow
 def test_two_replica_mirrored_first_step_loss_equals_one_device():
     from reid_keras.models.siamese import build_siamese, compile_siamese
@@ -114,12 +120,18 @@ def test_two_replica_mirrored_first_step_loss_equals_one_device():
         with strategy.scope():
             model = build_siamese("efficientnetb0", (32, 32), weights=None, dropout=0.0)
             assert synchronize_batch_norm(model) == 49  # every BN of EfficientNet-B0
+            # Stochastic depth draws differ per replica; switch it off so the step is deterministic.
+            for layer in _all_layers(model):
+                if isinstance(layer, keras.layers.Dropout):
+                    layer.rate = 0.0
             compile_siamese(model, learning_rate=1e-4, jit_compile=False)
         data = tf.data.Dataset.from_tensor_slices(((images_a, images_b), same)).batch(8)
-        history = model.fit(data, epochs=1, verbose=0)
+        history = model.fit(data, epochs=1, verbose=0, shuffle=False)
         return strategy.num_replicas_in_sync, history.history["loss"][0]
 
     replicas_one, loss_one = first_step_loss(["/cpu:0"])
     replicas_two, loss_two = first_step_loss(["/cpu:0", "/cpu:1"])
     assert (replicas_one, replicas_two) == (1, 2)
-    np.testing.assert_allclose(loss_two, loss_one, rtol=1e-5)
+    # float32 sums over 49 synchronised BN layers in another order differ by ~2e-5 relative; unsynchronised
+    # BN or a wrong loss scaling differ by > 10 %.
+    np.testing.assert_allclose(loss_two, loss_one, rtol=1e-4)

@@ -35,6 +35,7 @@ def prepare_run_folder(output: str, name: str | None, config: dict, resume: bool
             raise FileNotFoundError(f"--resume: no config.json in {folder}: nothing to resume")
         with open(config_path, encoding="utf-8") as handle:
             previous = json.load(handle)
+        config = json.loads(json.dumps(config, default=str))  # tuples -> lists, as stored
         changed = {k for k in set(previous) | set(config)
                    if k not in RESUMABLE_CHANGES and previous.get(k) != config.get(k)
                    and not k.startswith("runtime_")}

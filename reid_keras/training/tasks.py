@@ -83,12 +83,29 @@ class SiameseTask:
                                 gallery_pids=[r.pid for r in dataset.gallery],
                                 query_cams=[r.camid for r in dataset.query],
                                 gallery_cams=[r.camid for r in dataset.gallery])
+        if dataset.name == "cuhk01":
+            metrics["cuhk01_protocol"] = self._cuhk01_protocol(dataset, query, gallery, distmat)
         metrics["verification_head"] = {
             "rank1": float(head["cmc"][0]), "rank5": float(head["cmc"][4]), "rank10": float(head["cmc"][9]),
             "mAP": float(head["mAP"]), "mINP": float(head["mINP"]), "ap_variant": head["ap_variant"],
             "num_valid_queries": int(head["num_valid_queries"]),
             "num_invalid_queries": int(head["num_invalid_queries"])}
         return metrics
+
+    def _cuhk01_protocol(self, dataset, query, gallery, distmat) -> dict:
+        """PROTOCOLS.md (c): 10 seeded 100 x 100 trials scored by the verification head (the paper's way)."""
+        from reid_keras.metrics.protocols import evaluate_cuhk01
+
+        a_to_b = dataset.info.get("direction", "A->B") == "A->B"
+        # evaluate_cuhk01 wants camera-A rows and camera-B columns whatever the direction.
+        similarity = -distmat if a_to_b else -distmat.T
+        pids_a = [r.pid for r in (dataset.query if a_to_b else dataset.gallery)]
+        pids_b = [r.pid for r in (dataset.gallery if a_to_b else dataset.query)]
+        result = evaluate_cuhk01(similarity, pids_a, pids_b, trials=10, seed=self.config["seed"],
+                                 direction=dataset.info.get("direction", "A->B"))
+        return {"scored_by": "verification head P(same)", "trials": result["trials"], "seed": result["seed"],
+                "direction": result["direction"], "num_ids": result["num_ids"],
+                "mean_std_percent": {k: [float(v[0]), float(v[1])] for k, v in result["table"].items()}}
 
     def _raw_features(self, embedding, records) -> np.ndarray:
         """Un-normalised embeddings (the head was trained on them), aligned with `records`."""
