@@ -89,7 +89,8 @@ def test_cross_camera_off_allows_same_camera_positives(records):
 
 
 def test_negative_partners_are_uniform_over_other_ids(records):
-    a, b, same = PairSampler(records).sample(40_000, 1e6, np.random.default_rng(2))  # all negatives
+    sampler = PairSampler(records, cross_camera=False)
+    a, b, same = sampler.sample(40_000, 1e6, np.random.default_rng(2))  # all negatives
     pids = np.array([r.pid for r in records])
     anchors_of_0 = pids[a] == 0
     partners = b[anchors_of_0]
@@ -98,6 +99,21 @@ def test_negative_partners_are_uniform_over_other_ids(records):
     expected = len(partners) / len(others)
     assert set(partners) == set(others)
     assert np.all(np.abs(counts - expected) < 0.35 * expected)
+
+
+def test_cross_camera_negatives_are_uniform_over_other_ids_in_other_cameras(records):
+    # Positives cross cameras, so negatives must too: else "camera changed" predicts "same person".
+    a, b, same = PairSampler(records, cross_camera=True).sample(300_000, 1e6, np.random.default_rng(4))
+    pids = np.array([r.pid for r in records])
+    cams = np.array([r.camid for r in records])
+    assert np.all(same == 0) and np.all(pids[a] != pids[b])
+    assert np.all(cams[a] != cams[b])
+    anchor_cam = cams[a[0]]
+    sel = (pids[a] == 0) & (cams[a] == anchor_cam)
+    allowed = np.flatnonzero((pids != 0) & (cams != anchor_cam))
+    counts = np.bincount(b[sel], minlength=len(records))[allowed]
+    assert set(b[sel]) == set(allowed)
+    assert np.all(np.abs(counts - counts.mean()) < 0.35 * counts.mean())
 
 
 def test_summary_reports_single_image_and_single_camera_ids(records):

@@ -129,7 +129,10 @@ class PairSampler:
     Positives: same id, never the same image; from another camera whenever the id was seen by
     another camera (`cross_camera=True`), else from the same camera. Ids with a single image cannot
     form a positive and are never positive anchors (they still serve in negatives); their number is
-    in `num_single_image_ids` and `summary()`. Negatives: uniform over all images of other ids.
+    in `num_single_image_ids` and `summary()`. Negatives: uniform over the images of other ids; with
+    `cross_camera=True` also from another camera than the anchor's (falling back to any camera only
+    when no other-id image exists there). Otherwise a camera change would mark positives, and a
+    network learns the shortcut "same background, so different person" instead of appearance.
     An unknown camera (camid -1) counts as one more camera.
     """
 
@@ -147,6 +150,11 @@ class PairSampler:
         self._use_cam_block = other_cam if self.cross_camera else np.zeros_like(other_cam)
         single_cam_ids = (ix.id_counts >= 2) & ~np.add.reduceat(other_cam, ix.id_starts).astype(bool)
         self.num_single_camera_ids = int(np.sum(single_cam_ids))
+        # Camera-sorted view of the sorted positions, with each position's camera block in it.
+        self._by_cam = np.argsort(ix.camids, kind="stable")
+        cams_sorted = ix.camids[self._by_cam]
+        self._cam_block_lo = np.searchsorted(cams_sorted, ix.camids, side="left")
+        self._cam_block_hi = np.searchsorted(cams_sorted, ix.camids, side="right")
 
     def summary(self) -> str:
         return (f"pairs from {len(self.index.pids)} images of {self.index.num_ids} ids; "
@@ -170,12 +178,30 @@ class PairSampler:
         pos_b = _draw_excluding(rng, ix.id_lo[pos_a], ix.id_hi[pos_a],
                                 np.where(cam, ix.cam_lo[pos_a], pos_a), np.where(cam, ix.cam_hi[pos_a], pos_a + 1))
         neg_a = _cover(rng, np.arange(len(ix.pids)), num_pairs - n_pos)
-        neg_b = _draw_excluding(rng, 0, len(ix.pids), ix.id_lo[neg_a], ix.id_hi[neg_a])
+        neg_b = self._negatives(neg_a, rng)
         a = np.concatenate([pos_a, neg_a])
         b = np.concatenate([pos_b, neg_b])
         same = np.concatenate([np.ones(n_pos, np.int32), np.zeros(num_pairs - n_pos, np.int32)])
         perm = rng.permutation(num_pairs)
         return ix.order[a[perm]], ix.order[b[perm]], same[perm]
+
+    def _negatives(self, anchors: np.ndarray, rng, rounds: int = 8) -> np.ndarray:
+        """A partner of another id for each anchor; from another camera too when `cross_camera`."""
+        ix = self.index
+        any_camera = _draw_excluding(rng, 0, len(ix.pids), ix.id_lo[anchors], ix.id_hi[anchors])
+        if not self.cross_camera:
+            return any_camera
+        out = np.full(len(anchors), -1)
+        todo = np.flatnonzero(self._cam_block_hi[anchors] - self._cam_block_lo[anchors] < len(ix.pids))
+        for _ in range(rounds):  # rejection of same-id draws; they are rare, so few rounds suffice
+            if len(todo) == 0:
+                break
+            a = anchors[todo]
+            drawn = self._by_cam[_draw_excluding(rng, 0, len(ix.pids), self._cam_block_lo[a], self._cam_block_hi[a])]
+            ok = ix.pids[drawn] != ix.pids[a]
+            out[todo[ok]] = drawn[ok]
+            todo = todo[~ok]
+        return np.where(out >= 0, out, any_camera)
 
     def epoch(self, epoch: int, num_pairs: int, schedule: PairRatioSchedule, seed: int) -> tuple:
         """The pairs of one epoch, with the ratio `schedule.negatives_per_positive(epoch)`."""
