@@ -12,7 +12,7 @@ import copy
 from reid_keras.models.siamese import DEFAULT_DROPOUT
 
 
-DEFAULT_RECIPE = {"image_size": (128, 64), "batch_size": 32, "epochs": 6, "steps_per_epoch": 60,
+DEFAULT_RECIPE = {"image_size": (64, 32), "batch_size": 32, "epochs": 7, "steps_per_epoch": 200,
                   "optimizer": "adam", "learning_rate": 1e-3}
 
 
