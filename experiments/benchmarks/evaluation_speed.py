@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -32,19 +31,9 @@ import numpy as np
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 from reid_keras.metrics import evaluate_ranking  # noqa: E402
+from machine import describe_machine  # noqa: E402  (experiments/benchmarks/machine.py)
 
 SEED = 0
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, "
-            f"numpy {np.__version__}, load average {os.getloadavg()[0]:.1f} (shared machine)")
 
 
 def structured(rng, pids, num_ids, dim, signal, centers):
@@ -139,7 +128,7 @@ def part_market(args):
     assert np.allclose(res["ap"][:n_loop], loop_ap, equal_nan=True, atol=1e-9), "torchreid-style loop disagrees"
     assert np.array_equal(res["ap"], rows["sort_free_result"]["ap"], equal_nan=True)
     print(f"\n### Market-1501 size: {num_q:,} queries x {gf.shape[0]:,} gallery, {gf.shape[1]}-d, cosine\n")
-    print(f"Machine: {machine()}. Best of {args.repeats} runs each (interleaved).\n")
+    print(f"Machine: {describe_machine(numpy=np.__version__)}. Best of {args.repeats} runs each (interleaved).\n")
     print("| method | time (s) | ratio to matmul + argsort | ratio to per-query loop |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| float32 matmul + one full np.argsort (Q x G) | {rows['floor']:.2f} | 1.00 | "
@@ -193,7 +182,7 @@ def run_large_child(args):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\n### Market + 500k size: {out['num_q']:,} queries x {out['num_g']:,} gallery, {out['dim']}-d "
           f"float32, cosine, memory_budget_mb={args.budget_mb}\n")
-    print(f"Machine: {machine()}. One run (child process).\n")
+    print(f"Machine: {describe_machine(numpy=np.__version__)}. One run (child process).\n")
     print("| step | time (s) | note |")
     print("| --- | ---: | --- |")
     print(f"| generate features in 50k-row seeded chunks | {out['gen_s']:.1f} | "

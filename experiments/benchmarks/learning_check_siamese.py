@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 
 def main() -> int:

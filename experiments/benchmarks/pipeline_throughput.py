@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,22 +34,10 @@ from reid_keras.data.augment import AugmentConfig  # noqa: E402
 from reid_keras.data.datasets.base import ImageRecord, relabel  # noqa: E402
 from reid_keras.data.pipelines import image_dataset, pair_dataset  # noqa: E402
 from reid_keras.data.samplers import PairRatioSchedule  # noqa: E402
+from machine import describe_machine  # noqa: E402  (experiments/benchmarks/machine.py)
 
 IMAGE_SIZE = (160, 80)
 BATCH = 48
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{model}; {os.cpu_count()} logical cores; load average {load}; {platform.system()} "
-            f"{platform.release()}; Python {platform.python_version()}; TensorFlow {tf.__version__}; "
-            f"Keras {keras.__version__}")
 
 
 def write_cuhk01(workdir: str) -> tuple[list, list]:
@@ -162,7 +149,7 @@ def main(argv=None) -> int:
     try:
         start = time.perf_counter()
         all_records, train = write_cuhk01(workdir)
-        print(f"machine: {machine()}")
+        print(f"machine: {describe_machine(TensorFlow=tf.__version__, Keras=keras.__version__)}")
         print(f"data: {len(all_records)} images ({len(train)} train, {len({r.pid for r in train})} train ids), "
               f"written in {time.perf_counter() - start:.1f} s to {workdir}\n")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -26,17 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from reid_keras.data.datasets import synthetic  # noqa: E402
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{model}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, numpy {np.__version__}, OpenCV {cv2.__version__}")
+from machine import describe_machine  # noqa: E402  (experiments/benchmarks/machine.py)
 
 
 def _cpu_seconds() -> float:
@@ -73,7 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per row, fastest kept (default: %(default)s)")
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine(numpy=np.__version__, OpenCV=cv2.__version__)}")
     print(f"{args.ids} identities per dataset, fastest of {args.repeats} run(s)\n")
     print("| layout | workers | images | seconds (wall) | images/s/core | draw+encode only, images/s/core |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -9,7 +9,6 @@ import os
 import time
 
 import keras
-import tensorflow as tf
 
 from reid_keras.training import callbacks as cbs
 from reid_keras.training.distribute import choose_strategy, describe, synchronize_batch_norm
