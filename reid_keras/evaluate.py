@@ -13,7 +13,6 @@ Features are cached in the output folder and reused by a rerun with the same mod
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import datetime
 import io
@@ -42,17 +41,13 @@ def _image_size(text):
 
 
 def parse_dataset_options(items) -> dict:
-    """`key=value` strings to a dict; values are Python literals when they parse (3, True, None)."""
-    options = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--dataset-option {item!r}: expected key=value, e.g. split=half")
-        try:
-            options[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value
-    return options
+    """`--dataset-option key=value` strings to loader options (see `datasets.parse_options`)."""
+    from reid_keras.data.datasets import parse_options
+
+    try:
+        return parse_options(items)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _positive_int(text):

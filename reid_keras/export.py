@@ -129,17 +129,16 @@ def export_model(model, out_dir: str, image_size: Optional[Sequence[int]] = None
     import tensorflow as tf
 
     from reid_keras.io_utils import atomic_export_dir
+    from reid_keras.data.augment import as_hw
     from reid_keras.models.siamese import head_of
 
     embedding = _check_model(model)
     if image_size is None:
         image_size = tuple(model.inputs[0].shape[1:3])
     try:
-        height, width = (int(v) for v in image_size)
-    except (TypeError, ValueError):
-        raise ExportError(f"bad image_size {image_size!r}: expected (height, width) integers") from None
-    if height < 1 or width < 1:
-        raise ExportError(f"bad image_size {image_size!r}: expected positive (height, width)")
+        height, width = as_hw(image_size, "image_size")
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     fixed = tuple(model.inputs[0].shape[1:3])
     if None not in fixed and fixed != (height, width):
         raise ExportError(f"image_size {(height, width)} differs from the input size {fixed} model "

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Preset values, then the recipe, then the flags the user gave."""
+    from reid_keras.data.datasets import parse_options
     from reid_keras.models.presets import get_preset
 
     config = dict(get_preset(args.model))
@@ -92,22 +93,12 @@ def resolve_config(args: argparse.Namespace) -> dict:
                  "steps_per_epoch": args.steps_per_epoch}
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.update(model=args.model, recipe=args.preset, dataset=args.dataset, seed=args.seed,
-                  data_root=args.data_root, dataset_options=_parse_options(args.dataset_option),
+                  data_root=args.data_root, dataset_options=parse_options(args.dataset_option),
                   mixed_precision=args.mixed_precision, output=args.output, resume=args.resume,
                   devices=args.devices)
     if isinstance(config.get("image_size"), list):
         config["image_size"] = tuple(config["image_size"])
     return config
-
-
-def _parse_options(pairs: list) -> dict:
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--dataset-option expects KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
-    return options
 
 
 def run(argv=None, extra_callbacks=None) -> str:

@@ -29,22 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_options(pairs: list) -> dict:
-    """`KEY=VALUE` strings -> dict; VALUE is read as JSON (numbers, true/false, null) or kept as text."""
-    import json
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option expects KEY=VALUE, got {pair!r}")
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
-    return options
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "synth":
@@ -58,12 +42,12 @@ def main(argv=None) -> int:
             return 2
         print(summary)
         return 0
-    from reid_keras.data.datasets import DATASET_NAMES, load_dataset
+    from reid_keras.data.datasets import DATASET_NAMES, load_dataset, parse_options
     from reid_keras.data.datasets.base import DatasetCountError, DatasetLayoutError
 
     try:
         dataset = load_dataset(args.dataset, args.root, strict=False if args.no_strict else None,
-                               **_parse_options(args.option))
+                               **parse_options(args.option, flag="--option"))
     # OSError: unreadable folders or files (permissions), reported like layout errors.
     except (DatasetLayoutError, DatasetCountError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

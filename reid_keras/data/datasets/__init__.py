@@ -26,6 +26,27 @@ from reid_keras.data.datasets.base import ReidDataset
 DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "cuhk01", "cuhk03")
 
 
+def parse_options(pairs, flag: str = "--dataset-option") -> dict:
+    """Command-line `key=value` loader options -> dict.
+
+    Values are Python literals when they parse (3, True, None, "a"), JSON's true/false/null too,
+    else kept as text (split=half). Raises ValueError naming the flag for an item without `=`.
+    """
+    import ast
+
+    json_words = {"true": True, "false": False, "null": None}
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {pair!r}: expected key=value (KEY=VALUE, e.g. split=half)")
+        try:
+            options[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key.strip()] = json_words.get(value, value)
+    return options
+
+
 def get_loader(name: str):
     """The `load(root, strict=None, **options)` function of dataset `name`."""
     if name not in DATASET_NAMES:
