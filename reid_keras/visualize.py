@@ -12,6 +12,11 @@ CLI caches them in its output folder):
     python -m reid_keras.visualize tsne --features out/features_query.npz out/features_gallery.npz --out tsne.png
     python -m reid_keras.visualize heatmap --query out/features_query.npz \
         --gallery out/features_gallery.npz --out cams.png
+
+`activations` draws the paper's Fig. 5 from trained `.keras` models (`reid_keras.activation_maps`):
+
+    python -m reid_keras.visualize activations --model i.keras v.keras iv.keras --labels I V I+V \
+        --dataset market1501 --data-root data/market --num-images 3 --out fig5.png
 """
 from __future__ import annotations
 
@@ -292,6 +297,28 @@ def build_parser() -> argparse.ArgumentParser:
     heat.add_argument("--out", required=True, help="output image (.png)")
     heat.add_argument("--ap", default="non-interpolated", choices=["non-interpolated", "trapezoid"],
                       help="AP variant (PROTOCOLS.md (a)); default: %(default)s")
+    act = sub.add_parser("activations", help="channel-summed activation maps of an intermediate block "
+                                             "(id-verification paper Fig. 5), one column per model")
+    act.add_argument("--model", nargs="+", required=True, help=".keras files saved by python -m reid_keras.train")
+    act.add_argument("--labels", nargs="+", default=None,
+                     help="one column title per model, e.g. I V I+V (default: the run folder names)")
+    images = act.add_mutually_exclusive_group(required=True)
+    images.add_argument("--images", nargs="+", help="image files, one row each")
+    images.add_argument("--dataset", help="take the images from this dataset (e.g. market1501) instead")
+    act.add_argument("--data-root", help="with --dataset: the unpacked dataset folder or its parent")
+    act.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="with --dataset: loader option, repeatable (e.g. split=half)")
+    act.add_argument("--split", default="query", choices=["query", "gallery", "train"],
+                     help="with --dataset: split to draw from (default: %(default)s)")
+    act.add_argument("--num-images", type=int, default=3,
+                     help="with --dataset: images of distinct identities (default: %(default)s, as in the paper)")
+    act.add_argument("--seed", type=int, default=0, help="with --dataset: image choice seed (default: %(default)s)")
+    act.add_argument("--layer", default=None, help="layer to visualise (default: conv4_block6_out for ResNet-50, "
+                                                   "block6a_expand_activation for EfficientNet, block5_conv3 for VGG16)")
+    act.add_argument("--preprocess", default=None, help="backbone preprocessing of all models (default: each run's "
+                                                        "config.json, else the backbone's own)")
+    act.add_argument("--out", required=True, help="output image (.png)")
+    act.add_argument("--npz", default=None, help="also save the maps to this .npz file")
     return parser
 
 
@@ -307,6 +334,10 @@ def main(argv=None) -> int:
             is_query = np.concatenate([np.full(len(s), i == 0) for i, s in enumerate(sets)]) if len(sets) > 1 else None
             out = plot_tsne(feats, pids, args.out, is_query=is_query, max_ids=args.max_ids,
                             max_points=args.max_points, seed=args.seed, perplexity=args.perplexity)
+        elif args.command == "activations":
+            from reid_keras.activation_maps import main_from_args
+
+            out = main_from_args(args)
         else:
             from reid_keras.metrics.diagnostics import cross_camera_matrix
 
