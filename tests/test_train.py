@@ -35,25 +35,29 @@ class CrashInEpoch(keras.callbacks.Callback):
 
 
 @pytest.mark.slow
-def test_run_killed_mid_epoch_resumes_and_finishes(tmp_path):
+def test_run_killed_mid_epoch_resumes_and_finishes(tmp_path, capsys):
     args = TINY + ["--epochs", "3", "--data-root", str(tmp_path / "data"), "--output", str(tmp_path / "runs"),
-                   "--name", "r"]
+                   "--name", "r", "--id-warmup-steps", "2"]
     with pytest.raises(Crash):
         train.run(args, extra_callbacks=[CrashInEpoch(epoch=2)])
+    assert "identity warm-up: 2 steps" in capsys.readouterr().out
     run_dir = tmp_path / "runs" / "r"
     state = json.loads((run_dir / "state.json").read_text())
     assert state == {"completed_epochs": 2, "batch": 0}
     assert (run_dir / "last.keras").is_file() and not (run_dir / "metrics.json").exists()
     assert not [p for p in os.listdir(run_dir) if ".tmp" in p], "a temporary file was left behind"
 
-    # Same arguments + --resume: continues at epoch 3 and finishes the whole run.
+    # Same arguments + --resume: continues at epoch 3 (weights from the backup, no second warm-up)
+    # and finishes the whole run.
     assert train.main(args + ["--resume"]) == 0
+    assert "identity warm-up" not in capsys.readouterr().out
     with open(run_dir / "history.csv") as handle:
         epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
     assert epochs == [0, 1, 2]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["model"] == "siamese_b0" and config["image_size"] == [64, 32]
     assert config["runtime_weights"]["used"] == "none"
+    assert config["runtime_id_warmup"]["steps"] == 2 and config["runtime_id_warmup"]["final_loss"] > 0
     assert config["runtime_dataset"]["train"]["ids"] == 6
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -135,3 +139,24 @@ def test_two_replica_mirrored_first_step_loss_equals_one_device():
     # float32 sums over 49 synchronised BN layers in another order differ by ~2e-5 relative; unsynchronised
     # BN or a wrong loss scaling differ by > 10 %.
     np.testing.assert_allclose(loss_two, loss_one, rtol=1e-4)
+
+
+def test_identity_warmup_trains_the_shared_embedding_only_without_pretrained_weights():
+    from reid_keras.training.warmup import build_identity_classifier, needs_warmup
+
+    assert needs_warmup({"id_warmup_steps": 5}, {"used": "none"}) == 5
+    assert needs_warmup({"id_warmup_steps": 5}, {"used": "imagenet"}) == 0
+    assert needs_warmup({"id_warmup_steps": 0}, {"used": "none"}) == 0
+    with pytest.raises(ValueError, match="id_warmup_steps must be >= 0"):
+        needs_warmup({"id_warmup_steps": -1}, {"used": "none"})
+
+    image = keras.Input((8, 4, 3))
+    embedding = keras.Model(image, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(5, 3)(image)),
+                            name="embedding")
+    classifier = build_identity_classifier(embedding, num_ids=3)
+    assert classifier.output.shape == (None, 3)
+    # The classifier holds the embedding's own variables, so training it warms up the siamese model.
+    kernel = embedding.layers[1].kernel
+    assert any(v is kernel for v in classifier.trainable_variables)
+    with pytest.raises(ValueError, match="at least 2 training identities"):
+        build_identity_classifier(embedding, num_ids=1)

@@ -43,6 +43,8 @@ def prepare_run_folder(output: str, name: str | None, config: dict, resume: bool
             rows = ", ".join(f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in sorted(changed))
             raise ValueError(f"--resume {folder}: the configuration differs from the interrupted run ({rows}); "
                              "start a new run instead or pass the same arguments")
+        # Facts of the interrupted part (e.g. its identity warm-up) stay; this part updates the rest.
+        config = {**{k: v for k, v in previous.items() if k.startswith("runtime_")}, **config}
     else:
         folder = folder or os.path.join(output, run_name(config["model"], config["dataset"]))
         if os.path.exists(os.path.join(folder, "config.json")):

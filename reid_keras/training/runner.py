@@ -13,6 +13,7 @@ import keras
 from reid_keras.training import callbacks as cbs
 from reid_keras.training.distribute import choose_strategy, describe, synchronize_batch_norm
 from reid_keras.training.run_folder import prepare_run_folder, update_config
+from reid_keras.training.warmup import identity_warmup, needs_warmup
 
 SYNTHETIC_LAYOUT = "market1501"
 SYNTHETIC_IDS = 300
@@ -64,10 +65,16 @@ def run_training(config: dict, name: str | None, export: bool = True, plots: boo
                                    for split, i, n, c in dataset.split_stats()},
                   runtime_dataset_info=dataset.info, runtime_skipped=dataset.skipped.counts)
 
-    initial_epoch = cbs.TrainingStateBackup.load_state(run_dir, model) if config["resume"] else 0
+    restored = config["resume"] and os.path.exists(cbs.TrainingStateBackup(run_dir).state_path)
+    initial_epoch = cbs.TrainingStateBackup.load_state(run_dir, model) if restored else 0
     epochs = config["epochs"]
     if initial_epoch:
         print(f"resuming after epoch {initial_epoch} of {epochs}", flush=True)
+    warmup_steps = needs_warmup(config, weights_info)
+    if warmup_steps and not restored:
+        summary = identity_warmup(model, dataset.train, dataset.num_train_ids, config, warmup_steps, strategy,
+                                  verbose=cbs.fit_verbosity())
+        update_config(run_dir, runtime_id_warmup=summary)
     if initial_epoch < epochs:
         train_data, steps = task.train_dataset(dataset.train, initial_epoch=initial_epoch, epochs=epochs,
                                                global_batch=config["batch_size"])

@@ -1,0 +1,72 @@
+"""Identity warm-up: pre-train a randomly initialised embedding as a classifier of the training ids.
+
+efficientnet_siamese_cuhk01.txt §II.B starts the siamese network from ImageNet weights. Where those
+cannot be had (offline machines, `--weights none`), a verification loss alone barely moves a deep
+backbone from random initialisation: one bit per pair, and the square layer's gradient
+2 w (f1 - f2) is small while random features of the same and of different people are equally far
+apart. Identification gives the backbone a dense signal (identification_verification_embedding.txt
+§I: identification "makes full use of the re-ID labels"), so the default recipe spends its first
+steps training `embedding -> Dropout -> Dense(num_ids)` on P x K batches of the training ids, drops
+the classifier, and then trains the siamese network as the paper does.
+
+The recipe key `id_warmup_steps` (CLI `--id-warmup-steps`) sets the number of steps; it runs only
+when the backbone did not receive pretrained weights, and only at the start of a run (a resumed
+run restores the warmed-up weights from its backup instead).
+"""
+from __future__ import annotations
+
+import time
+
+import keras
+from keras import layers
+
+# P identities x K images per batch: 64 images, the size of a default siamese batch (32 pairs).
+WARMUP_P, WARMUP_K = 16, 4
+
+
+def needs_warmup(config: dict, weights_info: dict) -> int:
+    """Steps of identity warm-up this run should do (0 when the backbone is pretrained)."""
+    steps = int(config.get("id_warmup_steps") or 0)
+    if steps < 0:
+        raise ValueError(f"id_warmup_steps must be >= 0, got {steps}")
+    return steps if weights_info.get("used") == "none" else 0
+
+
+def build_identity_classifier(embedding: keras.Model, num_ids: int, dropout: float = 0.2) -> keras.Model:
+    """`embedding` (shared, not copied) followed by Dropout and a softmax over `num_ids` identities."""
+    if num_ids < 2:
+        raise ValueError(f"identity warm-up needs at least 2 training identities, got {num_ids}")
+    image = keras.Input(embedding.input.shape[1:], name="image")
+    x = layers.Dropout(dropout, name="warmup_dropout")(embedding(image))
+    probs = layers.Dense(num_ids, activation="softmax", name="warmup_identity")(x)
+    return keras.Model(image, probs, name="identity_warmup")
+
+
+def identity_warmup(model: keras.Model, records, num_ids: int, config: dict, steps: int, strategy,
+                    verbose="auto") -> dict:
+    """Train `model`'s "embedding" sub-model for `steps` P x K steps as an identity classifier.
+
+    The classifier shares the embedding's variables, so the siamese model is warmed up in place.
+    Returns a summary for config.json: steps, seconds, and the last batch's loss and accuracy.
+    """
+    from reid_keras.data.augment import AugmentConfig
+    from reid_keras.data.pipelines import pk_dataset
+
+    embedding = model.get_layer("embedding")
+    image_size = tuple(config["image_size"])
+    with strategy.scope():
+        classifier = build_identity_classifier(embedding, num_ids, dropout=config.get("dropout", 0.2))
+        classifier.compile(keras.optimizers.Adam(config.get("id_warmup_lr", 1e-3)),
+                           loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                           jit_compile=config.get("jit_compile", False))
+    augment = AugmentConfig(**config["augment"]) if config.get("augment") else None
+    P = min(WARMUP_P, num_ids)  # small datasets: every identity in each batch
+    data = pk_dataset(records, P, WARMUP_K, image_size, preprocess=config["preprocessing"],
+                      augment=augment, seed=config["seed"] + 7919, batches_per_epoch=steps)
+    print(f"identity warm-up: {steps} steps of {P} ids x {WARMUP_K} images over {num_ids} training ids "
+          "(backbone has no pretrained weights)", flush=True)
+    started = time.time()
+    history = classifier.fit(data, epochs=1, steps_per_epoch=steps, verbose=verbose, shuffle=False)
+    last = {k: float(v[-1]) for k, v in history.history.items()}
+    return {"steps": steps, "P": P, "K": WARMUP_K, "seconds": round(time.time() - started, 1),
+            "final_loss": last.get("loss"), "final_accuracy": last.get("accuracy")}
