@@ -283,3 +283,34 @@ def test_keras_checkpoint_as_backbone_weights(siamese, tmp_path):
                                rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="checkpoint's backbone is efficientnetb0, but efficientnetb1"):
         build_backbone("efficientnetb1", (32, 32), weights=str(path))
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """Two micro-batches of 2 pairs with accumulate_steps=2 make the same update as one batch of 4."""
+    from reid_keras.training.tasks import micro_batch_size
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 6)).astype("float32"), rng.normal(size=(4, 6)).astype("float32")
+    same = np.array([1, 0, 1, 0])
+
+    def pair_model():
+        keras.utils.set_random_seed(1)
+        xa, xb = keras.Input((6,)), keras.Input((6,))
+        dense = keras.layers.Dense(3, name="shared")
+        square = SquareLayer()([dense(xa), dense(xb)])
+        return keras.Model([xa, xb], keras.layers.Dense(2, activation="softmax")(square))
+
+    whole, micro = pair_model(), pair_model()
+    compile_siamese(whole, learning_rate=0.1, optimizer="sgd", jit_compile=False)
+    compile_siamese(micro, learning_rate=0.1, optimizer="sgd", jit_compile=False, accumulate_steps=2)
+    whole.fit([a, b], same, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    micro.fit([a, b], same, batch_size=2, epochs=1, shuffle=False, verbose=0)
+    for w, m in zip(whole.get_weights(), micro.get_weights()):
+        np.testing.assert_allclose(m, w, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(whole.get_weights()[0], pair_model().get_weights()[0])  # it did train
+
+    assert micro_batch_size(48, 2) == 24 and micro_batch_size(48, None) == 48
+    with pytest.raises(ValueError, match="--accumulate-steps 5 must be >= 1 and divide --batch-size 48"):
+        micro_batch_size(48, 5)
+    with pytest.raises(ValueError, match="accumulate_steps must be >= 1"):
+        compile_siamese(pair_model(), accumulate_steps=0)

@@ -141,7 +141,7 @@ def loss_and_metrics(head: str) -> Tuple[keras.losses.Loss, list]:
 
 
 def compile_siamese(model: keras.Model, learning_rate: float = 1e-4, optimizer: str = "rmsprop",
-                    jit_compile="auto") -> keras.Model:
+                    jit_compile="auto", accumulate_steps: int = 1) -> keras.Model:
     """Compile `model` with the paper's recipe (§III.C: RMSprop, lr 1e-4) and its head's loss.
 
     Args:
@@ -149,13 +149,20 @@ def compile_siamese(model: keras.Model, learning_rate: float = 1e-4, optimizer: 
         learning_rate: step size.
         optimizer: "rmsprop" (paper), "adam" or "sgd".
         jit_compile: passed to `model.compile` ("auto" means no XLA on CPU-only machines).
+        accumulate_steps: average the gradients of this many consecutive batches before each update
+            (Keras' `gradient_accumulation_steps`): a batch of B pairs fed as N batches of B/N holds
+            about 1/N of the activations in memory. BatchNorm statistics then come from B/N pairs.
     """
     optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
     if optimizer not in optimizers:
         raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {', '.join(optimizers)}")
     loss, metrics = loss_and_metrics(head_of(model))
-    model.compile(optimizer=optimizers[optimizer](learning_rate=learning_rate), loss=loss, metrics=metrics,
-                  jit_compile=jit_compile)
+    accumulate_steps = int(accumulate_steps)
+    if accumulate_steps < 1:
+        raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
+    opt = optimizers[optimizer](learning_rate=learning_rate,
+                                gradient_accumulation_steps=accumulate_steps if accumulate_steps > 1 else None)
+    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=jit_compile)
     return model
 
 
