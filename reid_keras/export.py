@@ -69,13 +69,12 @@ def _check_model(model):
                           "build it with reid_keras.models.siamese.build_siamese") from None
     if not isinstance(embedding, keras.Model) or len(embedding.inputs) != 1:
         raise ExportError(f"model {model.name!r}: layer 'embedding' must be a one-input sub-model")
-    if len(model.inputs) != 2 or len(model.outputs) != 1 or model.outputs[0].shape[-1] not in (1, 2):
-        raise ExportError(f"model {model.name!r} must take two images and output the pair probability "
-                          "(2 softmax units or 1 sigmoid unit)")
-    return embedding
+    if len(model.inputs) == 2 and len(model.outputs) == 1 and model.outputs[0].shape[-1] in (1, 2):
+        return embedding, True          # siamese: embed + verify
+    return embedding, False             # any other model with an embedding branch: embed only
 
 
-def _export_module(model, embedding, image_size, preprocessing):
+def _export_module(model, embedding, image_size, preprocessing, with_verify=True):
     """A tf.Module holding the model's variables and the two endpoints.
 
     The Keras model itself is not attached: tf.saved_model.save would then trace every layer's
@@ -104,9 +103,10 @@ def _export_module(model, embedding, image_size, preprocessing):
     module.preprocessing = tf.Variable(preprocessing, dtype=tf.string, trainable=False, name="preprocessing")
     module.embed = tf.function(embed, autograph=False, input_signature=[
         tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-    module.verify = tf.function(verify, autograph=False, input_signature=[
-        tf.TensorSpec([None, None, None, 3], tf.uint8, name="images_a"),
-        tf.TensorSpec([None, None, None, 3], tf.uint8, name="images_b")])
+    if with_verify:
+        module.verify = tf.function(verify, autograph=False, input_signature=[
+            tf.TensorSpec([None, None, None, 3], tf.uint8, name="images_a"),
+            tf.TensorSpec([None, None, None, 3], tf.uint8, name="images_b")])
     return module
 
 
@@ -132,37 +132,38 @@ def export_model(model, out_dir: str, image_size: Optional[Sequence[int]] = None
     from reid_keras.data.augment import as_hw
     from reid_keras.models.siamese import head_of
 
-    embedding = _check_model(model)
+    embedding, with_verify = _check_model(model)
     if image_size is None:
-        image_size = tuple(model.inputs[0].shape[1:3])
+        image_size = tuple(embedding.inputs[0].shape[1:3])
     try:
         height, width = as_hw(image_size, "image_size")
     except ValueError as err:
         raise ExportError(str(err)) from None
-    fixed = tuple(model.inputs[0].shape[1:3])
+    fixed = tuple(embedding.inputs[0].shape[1:3])
     if None not in fixed and fixed != (height, width):
         raise ExportError(f"image_size {(height, width)} differs from the input size {fixed} model "
                           f"{model.name!r} was built (and trained) for")
     _check_preprocessing(preprocessing)
-    module = _export_module(model, embedding, (height, width), preprocessing)
+    module = _export_module(model, embedding, (height, width), preprocessing, with_verify)
+    endpoints = {"embed": "images uint8 [N,H,W,3] -> L2-normalised features float32 [N,D]"}
+    if with_verify:
+        endpoints["verify"] = "images_a, images_b uint8 [N,H,W,3] -> same-person probability float32 [N]"
     metadata = {
         "format": FORMAT,
         "image_size": [height, width],
         "preprocessing": preprocessing,
-        "head": head_of(model),
+        "head": head_of(model) if with_verify else None,
         "model_name": model.name,
         "feature_dim": int(embedding.outputs[0].shape[-1]),
-        "endpoints": {
-            "embed": "images uint8 [N,H,W,3] -> L2-normalised features float32 [N,D]",
-            "verify": "images_a, images_b uint8 [N,H,W,3] -> same-person probability float32 [N]",
-        },
+        "endpoints": endpoints,
         "keras_version": keras.__version__,
         "tensorflow_version": tf.__version__,
     }
     with atomic_export_dir(out_dir) as tmp:
         # Serving only: not saving custom gradients (e.g. of swish) cuts the save from ~30 s to ~6 s
         # on two CPU cores; a reloaded export can run but not be differentiated through.
-        tf.saved_model.save(module, tmp, signatures={"embed": module.embed, "verify": module.verify},
+        signatures = {"embed": module.embed, **({"verify": module.verify} if with_verify else {})}
+        tf.saved_model.save(module, tmp, signatures=signatures,
                             options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
         with open(os.path.join(tmp, METADATA_FILE), "w", encoding="utf-8") as handle:
             json.dump(metadata, handle, indent=2)
@@ -246,7 +247,8 @@ def main(argv=None) -> int:
         parser.error(str(err))
     meta = read_metadata(args.out)
     print(f"exported {args.model} -> {args.out} (image_size {meta['image_size'][0]}x{meta['image_size'][1]}, "
-          f"preprocessing {meta['preprocessing']}, {meta['feature_dim']}-d features, {meta['head']} head)")
+          f"preprocessing {meta['preprocessing']}, {meta['feature_dim']}-d features, "
+          f"{'embed only' if meta['head'] is None else meta['head'] + ' head'})")
     return 0
 
 
