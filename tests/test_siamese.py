@@ -314,3 +314,26 @@ def test_gradient_accumulation_equals_one_big_batch():
         micro_batch_size(48, 5)
     with pytest.raises(ValueError, match="accumulate_steps must be >= 1"):
         compile_siamese(pair_model(), accumulate_steps=0)
+
+
+@pytest.mark.parametrize("head", ["softmax", "sigmoid"])
+def test_verification_distance_is_the_heads_logit_in_closed_form(head):
+    """-(logit same - logit different) from three matrix products equals the model's own output, up
+    to the bias (a constant per model), for every query x gallery pair."""
+    from reid_keras.training.tasks import verification_distance
+
+    model = calibrated_siamese(head=head, seed=2, kernel_scale=1e-5)  # no saturated probabilities
+    query, gallery = random_images(3, seed=5), random_images(4, seed=6)
+    embedding = model.get_layer("embedding")
+    distmat = verification_distance(model, np.asarray(embedding(query)), np.asarray(embedding(gallery)))
+    a = np.repeat(query, len(gallery), axis=0)
+    b = np.tile(gallery, (len(query), 1, 1, 1))
+    probs = np.asarray(model([a, b], training=False), dtype=np.float64)
+    if head == "softmax":
+        logit = np.log(probs[:, 1]) - np.log(probs[:, 0])
+        bias = model.get_layer("verification").bias.numpy()
+        logit -= bias[1] - bias[0]
+    else:
+        logit = np.log(probs[:, 0]) - np.log1p(-probs[:, 0]) - model.get_layer("verification").bias.numpy()[0]
+    np.testing.assert_allclose(distmat.reshape(-1), -logit, rtol=1e-3, atol=1e-4)
+    assert np.ptp(logit) > 1e-2  # the comparison is sensitive: logits differ between pairs
