@@ -1,7 +1,14 @@
-"""Backbone factory: keras.applications EfficientNetB0…B5 without top, with `--weights imagenet|none|PATH`.
+"""Backbone factory: keras.applications EfficientNetB0…B5, ResNet50 and VGG16 without top, with
+`--weights imagenet|none|PATH`.
 
 The siamese model of efficientnet_siamese_cuhk01.txt §II.A–B starts from an ImageNet-trained
-EfficientNet. Keras' EfficientNet takes float pixels 0..255 and does its own preprocessing inside
+EfficientNet; the identification+verification model (identification_verification_embedding.txt
+§III-B) from an ImageNet-trained ResNet-50 or VGG16. ResNet50 and VGG16 have no preprocessing
+inside the model: they expect "caffe" input (RGB->BGR minus the ImageNet means,
+`reid_keras.data.preprocessing`), which the pipelines apply outside the model
+(`BACKBONE_PREPROCESSING`). Everything below about the stem concerns EfficientNet only.
+
+Keras' EfficientNet takes float pixels 0..255 and does its own preprocessing inside
 the model (Rescaling 1/255, a Normalization layer holding the ImageNet mean/variance, and — only
 when built with `weights="imagenet"` — one more per-channel Rescaling by 1/sqrt(std); see Keras'
 `applications/efficientnet.py` and TF issue 49930). That last layer is why ImageNet weights must
@@ -10,7 +17,8 @@ and never through a file path: loading the same file by path builds the stem wit
 silently mis-normalises every image. `build_backbone` therefore:
 
 - `imagenet`: calls the Keras constructor with `weights="imagenet"`. When the cache has no
-  `efficientnetbX_notop.h5` and the download host cannot be resolved or the download fails, it
+  `efficientnetbX_notop.h5` (ResNet50 / VGG16: `resnet50_…_notop.h5`, `vgg16_…_notop.h5`,
+  see `weights_file_name`) and the download host cannot be resolved or the download fails, it
   warns (naming the file and the cache folder), builds a random-initialised backbone, and says so
   in the returned `WeightsInfo` (the trainer writes it to the run's config.json).
 - `none`: random initialisation.
@@ -19,6 +27,7 @@ silently mis-normalises every image. `build_backbone` therefore:
   file (and any backbone fine-tuned from it — the layer is not trainable) carries the ImageNet mean,
   a random-initialised backbone keeps mean 0 / variance 1. Non-trivial statistics get the ImageNet
   stem Rescaling inserted exactly as Keras does, so even Keras' own notop file works by path.
+  ResNet50 / VGG16 files are loaded as they are (no stem to choose).
 - PATH to a `.keras` checkpoint (a whole siamese model or a bare backbone): the backbone inside it
   is re-instantiated at `image_size` with its own stem, and its weights copied.
 """
@@ -35,7 +44,8 @@ from typing import Optional, Sequence, Tuple
 
 import keras
 
-# Keras application constructor per supported backbone: the paper evaluates B0 through B5 (§III).
+# Keras application constructor per supported backbone: the EfficientNet siamese paper evaluates
+# B0 through B5 (§III); the identification+verification paper ResNet-50 and VGG16 (§III-B).
 BACKBONES = {
     "efficientnetb0": "EfficientNetB0",
     "efficientnetb1": "EfficientNetB1",
@@ -43,12 +53,24 @@ BACKBONES = {
     "efficientnetb3": "EfficientNetB3",
     "efficientnetb4": "EfficientNetB4",
     "efficientnetb5": "EfficientNetB5",
+    "resnet50": "ResNet50",
+    "vgg16": "VGG16",
 }
 # Where keras.applications downloads EfficientNet weights from (applications/efficientnet.py).
 WEIGHTS_ORIGIN = "https://storage.googleapis.com/keras-applications/"
+# ResNet50 / VGG16 no-top weights: origin folder and cached file name (applications/resnet.py, vgg16.py).
+_CAFFE_WEIGHTS = {
+    "resnet50": ("https://storage.googleapis.com/tensorflow/keras-applications/resnet/",
+                 "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    "vgg16": ("https://storage.googleapis.com/tensorflow/keras-applications/vgg16/",
+              "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+}
+# The `reid_keras.data.preprocessing` name each backbone's input needs (applied by the pipelines).
+BACKBONE_PREPROCESSING = {name: ("efficientnet" if name.startswith("efficientnet") else "caffe")
+                          for name in BACKBONES}
 # keras.applications.efficientnet's per-channel ImageNet std, used by its weights="imagenet" stem.
 IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
-MIN_IMAGE_SIDE = 32  # keras.applications' EfficientNet refuses smaller inputs
+MIN_IMAGE_SIDE = 32  # keras.applications (EfficientNet, ResNet50, VGG16) refuses smaller inputs
 
 
 class WeightsUnavailableWarning(UserWarning):
@@ -80,7 +102,8 @@ class WeightsInfo:
 
 
 def canonical_backbone_name(name: str) -> str:
-    """`"EfficientNetB0"`, `"efficientnet_b0"`, `"b0"` → `"efficientnetb0"`; clear error otherwise."""
+    """`"EfficientNetB0"`, `"efficientnet_b0"`, `"b0"` → `"efficientnetb0"`, `"ResNet-50"` → `"resnet50"`;
+    clear error otherwise."""
     key = str(name).strip().lower().replace("_", "").replace("-", "")
     if key in {f"b{i}" for i in range(6)}:
         key = "efficientnet" + key
@@ -89,8 +112,19 @@ def canonical_backbone_name(name: str) -> str:
     return key
 
 
+def is_efficientnet(name: str) -> bool:
+    """Whether backbone `name` is an EfficientNet (preprocessing and ImageNet stem inside the model)."""
+    return canonical_backbone_name(name).startswith("efficientnet")
+
+
+def backbone_preprocessing(name: str) -> str:
+    """The preprocessing name (`reid_keras.data.preprocessing`) backbone `name` expects:
+    "efficientnet" (0..255 in, normalised inside the model) or "caffe" (ResNet50, VGG16)."""
+    return BACKBONE_PREPROCESSING[canonical_backbone_name(name)]
+
+
 def check_image_size(image_size: Sequence[int]) -> Tuple[int, int]:
-    """Validate `(height, width)`; EfficientNet needs both sides >= 32."""
+    """Validate `(height, width)`; keras.applications' EfficientNet, ResNet50 and VGG16 need both sides >= 32."""
     try:
         height, width = (int(v) for v in image_size)
         ok = all(float(v) == int(v) for v in image_size)
@@ -117,7 +151,17 @@ def keras_cache_dir() -> str:
 
 def weights_file_name(name: str) -> str:
     """File name keras.applications caches the no-top ImageNet weights of backbone `name` under."""
-    return f"{canonical_backbone_name(name)}_notop.h5"
+    name = canonical_backbone_name(name)
+    if name in _CAFFE_WEIGHTS:
+        return _CAFFE_WEIGHTS[name][1]
+    return f"{name}_notop.h5"
+
+
+def weights_origin(name: str) -> str:
+    """URL keras.applications downloads the no-top ImageNet weights of backbone `name` from."""
+    name = canonical_backbone_name(name)
+    folder = _CAFFE_WEIGHTS[name][0] if name in _CAFFE_WEIGHTS else WEIGHTS_ORIGIN
+    return folder + weights_file_name(name)
 
 
 def host_resolves(host: str, timeout: float) -> bool:
@@ -145,7 +189,7 @@ def _build_imagenet(name, shape, timeout) -> Tuple[keras.Model, WeightsInfo]:
     cache_dir = keras_cache_dir()
     file_name = weights_file_name(name)
     cached = os.path.join(cache_dir, file_name)
-    origin = WEIGHTS_ORIGIN + file_name
+    origin = weights_origin(name)
     reason = None
     if not os.path.exists(cached):
         host = urllib.parse.urlsplit(origin).hostname
@@ -156,7 +200,9 @@ def _build_imagenet(name, shape, timeout) -> Tuple[keras.Model, WeightsInfo]:
         socket.setdefaulttimeout(timeout)  # Keras' urlretrieve has no timeout of its own
         try:
             model = _constructor(name)(include_top=False, weights="imagenet", input_shape=shape)
-            return model, WeightsInfo("imagenet", "imagenet", file=cached, cache_dir=cache_dir, imagenet_stem=True)
+            # Only EfficientNet gets a stem layer from weights="imagenet"; ResNet50 / VGG16 have none.
+            return model, WeightsInfo("imagenet", "imagenet", file=cached, cache_dir=cache_dir,
+                                      imagenet_stem=is_efficientnet(name))
         except Exception as err:  # Keras wraps URL errors in a bare Exception; hash errors are ValueError
             reason = f"{type(err).__name__}: {err}"
         finally:
@@ -215,8 +261,7 @@ def _find_backbone(model: keras.Model, name: str, path: str) -> keras.Model:
 
     walk(model)
     if not found:
-        raise ValueError(f"{path}: no EfficientNet backbone (a sub-model named {'/'.join(BACKBONES)}) "
-                         "in this checkpoint")
+        raise ValueError(f"{path}: no backbone (a sub-model named {'/'.join(BACKBONES)}) in this checkpoint")
     if found[0].name != name:
         raise ValueError(f"{path}: the checkpoint's backbone is {found[0].name}, but {name} was requested")
     return found[0]
@@ -244,7 +289,8 @@ def _build_from_path(name, shape, path) -> Tuple[keras.Model, WeightsInfo]:
     except Exception as err:  # h5py and Keras raise several types for a mismatching file
         raise ValueError(f"{path}: cannot load it as {name} backbone weights (include_top=False): "
                          f"{type(err).__name__}: {err}") from None
-    stem = _has_imagenet_statistics(model)
+    # ResNet50 / VGG16 have no normalisation inside the model: their files load as they are.
+    stem = is_efficientnet(name) and _has_imagenet_statistics(model)
     if stem:
         model = _rebuild(model, shape, add_imagenet_stem=True)
     return model, WeightsInfo(path, "file", file=os.path.abspath(path), imagenet_stem=stem)
@@ -252,17 +298,20 @@ def _build_from_path(name, shape, path) -> Tuple[keras.Model, WeightsInfo]:
 
 def build_backbone(name: str = "efficientnetb0", image_size: Sequence[int] = (160, 80), weights=None,
                    download_timeout: float = 10.0) -> Tuple[keras.Model, WeightsInfo]:
-    """Build a keras.applications EfficientNet without top (spatial feature map output).
+    """Build a keras.applications EfficientNet, ResNet50 or VGG16 without top (spatial feature map output).
 
     Args:
-        name: "efficientnetb0" … "efficientnetb5" (also accepts "b0", "EfficientNetB0").
-        image_size: `(height, width)` of the input; the paper uses (160, 80).
+        name: "efficientnetb0" … "efficientnetb5" (also accepts "b0", "EfficientNetB0"), "resnet50"
+            or "vgg16".
+        image_size: `(height, width)` of the input; the EfficientNet paper uses (160, 80), the
+            identification+verification paper (224, 224).
         weights: "imagenet", None / "none", or a path (see the module docstring for each case).
         download_timeout: seconds for the DNS check and each socket operation of the download.
 
     Returns:
-        `(backbone, WeightsInfo)`. The backbone takes float32 RGB pixels in 0..255 and is named
-        after `name` (Keras derives the cache file name from it).
+        `(backbone, WeightsInfo)`. The backbone is named after `name` (Keras derives the cache file
+        name from it). EfficientNets take float32 RGB pixels in 0..255; ResNet50 and VGG16 take
+        "caffe"-preprocessed pixels (`backbone_preprocessing(name)`), applied outside the model.
 
     Raises:
         ValueError: unknown backbone, bad image size, missing or unloadable weights file.
