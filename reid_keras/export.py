@@ -215,11 +215,15 @@ def _default_preprocessing(model_path: str, model) -> str:
                 return value
         except (OSError, ValueError, AttributeError):
             pass
-    names = [layer.name for layer in model.get_layer("embedding").layers]
-    if any(name.startswith("efficientnet") for name in names):
-        return "efficientnet"
+    from reid_keras.models.backbones import BACKBONE_PREPROCESSING
+
+    # The backbone sub-model keeps its keras.applications name (efficientnetb0, resnet50, vgg16).
+    for layer in model.get_layer("embedding").layers:
+        for backbone, preprocessing in BACKBONE_PREPROCESSING.items():
+            if layer.name.startswith(backbone):
+                return preprocessing
     raise ExportError(f"cannot tell the preprocessing of {model_path!r} (no run config.json beside it and no "
-                      f"EfficientNet backbone): pass --preprocessing, one of {', '.join(PREPROCESSING)}")
+                      f"known backbone): pass --preprocessing, one of {', '.join(PREPROCESSING)}")
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+_NONE = "none"
+# Flags that only some model families read, so that a misplaced one is an error, not silently ignored.
+FAMILY_FLAGS = {"losses": ("classifier", "idver"), "verif_loss": ("idver",),
+                "label_smoothing": ("classifier", "idver"), "triplet_margin": ("classifier",),
+                "oim_scale": ("classifier",)}
+
+
+def _feature_dim(text: str):
+    if text.lower() == _NONE:
+        return _NONE
+    value = _positive_int(text)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from reid_keras.models.presets import PRESETS
 
@@ -59,7 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (preset default)")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="batches per epoch (default: one pass over the pairs of an epoch)")
+    p.add_argument("--id-warmup-steps", type=_non_negative_int, default=None,
+                   help="identity-classifier steps that pre-train a backbone without pretrained weights "
+                        "before the siamese training (preset default; 0 = none)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="global batch size (pairs)")
+    p.add_argument("--accumulate-steps", type=_positive_int, default=None,
+                   help="feed each batch as N micro-batches and average their gradients (about 1/N of the "
+                        "activation memory; must divide --batch-size)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (preset default)")
     p.add_argument("--optimizer", choices=["rmsprop", "adam", "sgd"], default=None, help="optimizer (preset default)")
     p.add_argument("--synthetic-ids", type=_positive_int, default=None,
@@ -67,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_image_size, default=None, help="HEIGHTxWIDTH, e.g. 160x80")
     p.add_argument("--head", choices=["softmax", "sigmoid"], default=None,
                    help="verification head: 2-way softmax (paper) or 1-unit sigmoid (authors' code)")
+    p.add_argument("--losses", default=None,
+                   help="losses joined by '+': id, verif, triplet, oim (e.g. id+verif, id+triplet; preset default)")
+    p.add_argument("--verif-loss", choices=["crossentropy", "contrastive"], default=None,
+                   help="verification loss of the ID+verification models (preset default: crossentropy)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="label smoothing of the identification loss")
+    p.add_argument("--feature-dim", type=_feature_dim, default=None,
+                   help="projection width of the embedding, or 'none' for the pooled backbone feature")
+    p.add_argument("--triplet-margin", default=None, help="batch-hard triplet margin, a number or 'soft'")
+    p.add_argument("--oim-scale", type=float, default=None,
+                   help="OIM logit scale (1/temperature; the paper's tau = 0.1 is scale 10, the PyTorch ports use 30)")
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="folder that holds the run folders")
     p.add_argument("--name", default=None, help="run folder name (default: model-dataset-time)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, augmentation and initialisation")
@@ -90,8 +130,20 @@ def resolve_config(args: argparse.Namespace) -> dict:
     overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
                  "synthetic_ids": args.synthetic_ids, "optimizer": args.optimizer,
                  "image_size": args.image_size, "head": args.head, "weights": args.weights,
-                 "steps_per_epoch": args.steps_per_epoch}
+                 "steps_per_epoch": args.steps_per_epoch, "id_warmup_steps": args.id_warmup_steps,
+                 "accumulate_steps": args.accumulate_steps}
+    family_flags = {"losses": args.losses, "verif_loss": args.verif_loss, "label_smoothing": args.label_smoothing,
+                    "triplet_margin": args.triplet_margin, "oim_scale": args.oim_scale}
+    for key, value in family_flags.items():
+        if value is not None and config["family"] not in FAMILY_FLAGS[key]:
+            raise ValueError(f"--{key.replace('_', '-')} does not apply to --model {args.model} (family "
+                             f"{config['family']}); it is for the {' and '.join(FAMILY_FLAGS[key])} presets")
+    overrides.update(family_flags, feature_dim=args.feature_dim)
     config.update({k: v for k, v in overrides.items() if v is not None})
+    if args.oim_scale is not None:
+        config["oim_temperature"] = None  # a scale replaces the preset's temperature
+    if config.get("feature_dim") == _NONE:
+        config["feature_dim"] = None
     config.update(model=args.model, recipe=args.preset, dataset=args.dataset, seed=args.seed,
                   data_root=args.data_root, dataset_options=parse_options(args.dataset_option),
                   mixed_precision=args.mixed_precision, output=args.output, resume=args.resume,

@@ -18,6 +18,14 @@ def make_task(config: dict):
     family = config.get("family")
     if family == "siamese":
         return SiameseTask(config)
+    if family == "classifier":
+        from reid_keras.training.classifier_task import ClassifierTask
+
+        return ClassifierTask(config)
+    if family == "idver":
+        from reid_keras.training.idver_task import IdVerTask
+
+        return IdVerTask(config)
     raise ValueError(f"preset {config.get('model')!r} has family {family!r}, which the trainer does not know")
 
 
@@ -27,6 +35,7 @@ class SiameseTask:
     def __init__(self, config: dict):
         self.config = config
         self.image_size = tuple(config["image_size"])
+        micro_batch_size(config["batch_size"], config.get("accumulate_steps", 1))  # fail before any work
 
     def build(self, num_train_ids: int):
         from reid_keras.models.siamese import build_siamese, compile_siamese
@@ -38,7 +47,7 @@ class SiameseTask:
                                     feature_dim=c.get("feature_dim"), return_weights_info=True)
         # XLA makes EfficientNet ~10x slower on CPU; GPUs may opt in through the preset.
         compile_siamese(model, learning_rate=c["learning_rate"], optimizer=c.get("optimizer", "rmsprop"),
-                        jit_compile=c.get("jit_compile", False))
+                        jit_compile=c.get("jit_compile", False), accumulate_steps=c.get("accumulate_steps", 1))
         return model, info.to_dict()
 
     def train_dataset(self, records, initial_epoch: int, epochs: int, global_batch: int):
@@ -53,10 +62,12 @@ class SiameseTask:
         pairs = c.get("pairs_per_epoch") or len(records)
         if c.get("steps_per_epoch"):
             pairs = c["steps_per_epoch"] * global_batch
-        ds = pair_dataset(records, self.image_size, global_batch, pairs_per_epoch=pairs, schedule=schedule,
+        # With gradient accumulation the stream carries micro-batches; one update still sees global_batch pairs.
+        micro_batch = micro_batch_size(global_batch, c.get("accumulate_steps", 1))
+        ds = pair_dataset(records, self.image_size, micro_batch, pairs_per_epoch=pairs, schedule=schedule,
                           preprocess=c["preprocessing"], augment=augment, seed=c["seed"], epochs=epochs,
                           initial_epoch=initial_epoch)
-        return ds, max(pairs // global_batch, 1)
+        return ds, max(pairs // global_batch, 1) * (global_batch // micro_batch)
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:
@@ -135,6 +146,15 @@ class SiameseTask:
         from reid_keras.export import export_model
 
         export_model(model, out_dir, image_size=self.image_size, preprocessing=self.config["preprocessing"])
+
+
+def micro_batch_size(global_batch: int, accumulate_steps: int) -> int:
+    """Pairs per fed batch when each update accumulates `accumulate_steps` batches of `global_batch`."""
+    accumulate_steps = int(accumulate_steps or 1)
+    if accumulate_steps < 1 or global_batch % accumulate_steps:
+        raise ValueError(f"--accumulate-steps {accumulate_steps} must be >= 1 and divide --batch-size "
+                         f"{global_batch}")
+    return global_batch // accumulate_steps
 
 
 def verification_distance(model, query_features: np.ndarray, gallery_features: np.ndarray) -> np.ndarray:
