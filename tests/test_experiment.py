@@ -36,6 +36,17 @@ def test_spec_to_train_arguments_and_table(tmp_path):
     assert "| siamese_b5 | paper | – | – |" in table and "| siamese_b5 | ours | not run | not run |" in table
     cuhk01 = {"cuhk01_protocol": {"mean_std_percent": {"rank-1": [70.0, 2.0], "rank-5": [95.0, 1.0]}}}
     assert experiment.our_numbers(cuhk01) == {"rank1": 70.0, "rank5": 95.0}
+    # Classic CUHK03: the paper protocol's numbers, not PROTOCOLS.md (a)'s; only metrics, never seeds.
+    cuhk03 = {"embedding_cosine": {"rank1": 0.5, "mAP": 0.4, "seed": 3, "num_invalid_queries": 2,
+                                   "dataset_protocol": {"mean_std": {"rank-1": [0.7, None], "mAP": [0.6, None]}}}}
+    assert experiment.our_numbers(cuhk03) == {"rank1": 70.0, "mAP": 60.0}
+    market = {"embedding_cosine": {"rank1": 0.5, "mAP": 0.25, "mINP": 0.1, "seed": 3, "num_invalid_queries": 2}}
+    assert experiment.our_numbers(market) == {"rank1": 50.0, "mAP": 25.0, "mINP": 10.0}
+    # Runs of one preset are told apart by their names, in the table and in --only.
+    named = {"title": "t", "metrics": ["rank1"], "runs": [{"model": "resnet50_oim", "name": "oim_d128"},
+                                                        {"model": "resnet50_oim", "name": "oim_d256"}]}
+    table = experiment.results_table(named, [(named["runs"][0], {"rank1": 1.0}), (named["runs"][1], None)])
+    assert "| oim_d128 | ours | 1.0 |" in table and "| oim_d256 | ours | not run |" in table
 
 
 def test_bad_experiment_files_name_the_problem(tmp_path, capsys):

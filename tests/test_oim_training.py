@@ -154,7 +154,8 @@ def test_table3_files_load_and_parse(dataset):
     if dataset == "cuhk03":
         assert spec["dataset_options"] == {"protocol": "classic", "box_type": "labeled", "split_index": 0}
     table = experiment.results_table(spec, [(run, None) for run in spec["runs"]])
-    assert f"| resnet50_oim | paper | {TABLE3[dataset]['resnet50_oim']:.1f} |" in table
+    oim_run = next(run for run in spec["runs"] if run["model"] == "resnet50_oim")
+    assert f"| {experiment.run_label(oim_run)} | paper | {TABLE3[dataset]['resnet50_oim']:.1f} |" in table
 
 
 def test_table4_file_sweeps_the_feature_dimension():
