@@ -11,7 +11,6 @@ images), "steps_per_epoch" [one pass over the images], "augment" [None], "prepro
 """
 from __future__ import annotations
 
-import os
 
 SAMPLERS = ("pk", "random")
 
@@ -86,28 +85,15 @@ class ClassifierTask:
 
     def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:
         """Embedding (cosine) ranking of the dataset's query/gallery with `reid_keras.evaluate.run`."""
-        from reid_keras import evaluate as evaluation
-        from reid_keras.models.loading import EmbeddingModel
+        from reid_keras.training.tasks import evaluate_embedding
 
-        c = self.config
-        out = os.path.join(run_dir, "evaluation")
-        args = evaluation.build_parser().parse_args(
-            ["--model", os.path.join(run_dir, "best.keras"), "--dataset", dataset.name,
-             "--data-root", dataset.root, "--out", out, "--seed", str(c["seed"])]
-            + ([] if plots else ["--no-plots"]))
-        embedding = model.get_layer("embedding")
-        wrapped = EmbeddingModel(embed_fn=lambda x: embedding(x, training=False), image_size=self.image_size,
-                                 preprocessing=c["preprocessing"], source=os.path.join(run_dir, "best.keras"),
-                                 kind="keras")
-        return {"embedding_cosine": evaluation.run(wrapped, dataset, out, args, self.image_size)}
+        return {"embedding_cosine": evaluate_embedding(model, dataset, run_dir, self.config, self.image_size, plots)}
 
     @staticmethod
     def format_metrics(metrics: dict) -> str:
-        m = metrics["embedding_cosine"]
-        return "\n".join([
-            "| ranking by | rank-1 | rank-5 | rank-10 | mAP | mINP |", "| --- | --- | --- | --- | --- | --- |",
-            f"| embedding, cosine | {100 * m['rank1']:.1f} | {100 * m['rank5']:.1f} | {100 * m['rank10']:.1f} | "
-            f"{100 * m['mAP']:.1f} | {100 * m['mINP']:.1f} |"])
+        from reid_keras.training.tasks import format_embedding_metrics
+
+        return format_embedding_metrics(metrics)
 
     def export(self, model, out_dir: str) -> None:
         from reid_keras.export import export_model

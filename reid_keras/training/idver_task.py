@@ -12,7 +12,6 @@ pairs_per_epoch, steps_per_epoch, seed, jit_compile.
 """
 from __future__ import annotations
 
-import os
 
 from reid_keras.data.augment import as_hw
 
@@ -151,28 +150,15 @@ class IdVerTask:
     # -- evaluation and export --------------------------------------------------------------
     def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:
         """The shared embedding ranked by cosine (§III-F "Testing"), through `reid_keras.evaluate.run`."""
-        from reid_keras import evaluate as evaluation
-        from reid_keras.models.loading import EmbeddingModel
+        from reid_keras.training.tasks import evaluate_embedding
 
-        c = self.config
-        out = os.path.join(run_dir, "evaluation")
-        args = evaluation.build_parser().parse_args(
-            ["--model", os.path.join(run_dir, "best.keras"), "--dataset", dataset.name,
-             "--data-root", dataset.root, "--out", out, "--seed", str(c["seed"])]
-            + ([] if plots else ["--no-plots"]))
-        embedding = model.get_layer("embedding")
-        wrapped = EmbeddingModel(embed_fn=lambda x: embedding(x, training=False), image_size=self.image_size,
-                                 preprocessing=c["preprocessing"], source=os.path.join(run_dir, "best.keras"),
-                                 kind="keras")
-        return {"embedding_cosine": evaluation.run(wrapped, dataset, out, args, self.image_size)}
+        return {"embedding_cosine": evaluate_embedding(model, dataset, run_dir, self.config, self.image_size, plots)}
 
     @staticmethod
     def format_metrics(metrics: dict) -> str:
-        m = metrics["embedding_cosine"]
-        return "\n".join([
-            "| ranking by | rank-1 | rank-5 | rank-10 | mAP | mINP |", "| --- | --- | --- | --- | --- | --- |",
-            f"| embedding, cosine | {100 * m['rank1']:.1f} | {100 * m['rank5']:.1f} | {100 * m['rank10']:.1f} | "
-            f"{100 * m['mAP']:.1f} | {100 * m['mINP']:.1f} |"])
+        from reid_keras.training.tasks import format_embedding_metrics
+
+        return format_embedding_metrics(metrics)
 
     def export(self, model, out_dir: str) -> None:
         """SavedModel with `embed` (and `verify` when the model has the softmax verification head).

@@ -72,22 +72,11 @@ class SiameseTask:
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:
         """Embedding (cosine) evaluation with plots, plus ranking by the verification head itself."""
-        from reid_keras import evaluate as evaluation
         from reid_keras.metrics import evaluate_ranking
-        from reid_keras.models.loading import EmbeddingModel
 
-        c = self.config
-        out = os.path.join(run_dir, "evaluation")
-        args = evaluation.build_parser().parse_args(
-            ["--model", os.path.join(run_dir, "best.keras"), "--dataset", dataset.name,
-             "--data-root", dataset.root, "--out", out, "--seed", str(c["seed"])]
-            + ([] if plots else ["--no-plots"]))
+        metrics = {"embedding_cosine": evaluate_embedding(model, dataset, run_dir, self.config, self.image_size,
+                                                          plots)}
         embedding = model.get_layer("embedding")
-        wrapped = EmbeddingModel(embed_fn=lambda x: embedding(x, training=False), image_size=self.image_size,
-                                 preprocessing=c["preprocessing"], source=os.path.join(run_dir, "best.keras"),
-                                 kind="keras")
-        metrics = {"embedding_cosine": evaluation.run(wrapped, dataset, out, args, self.image_size)}
-
         query, gallery = (self._raw_features(embedding, getattr(dataset, s)) for s in ("query", "gallery"))
         distmat = verification_distance(model, query, gallery)
         head = evaluate_ranking(distmat, query_pids=[r.pid for r in dataset.query],
@@ -146,6 +135,34 @@ class SiameseTask:
         from reid_keras.export import export_model
 
         export_model(model, out_dir, image_size=self.image_size, preprocessing=self.config["preprocessing"])
+
+
+def evaluate_embedding(model, dataset, run_dir: str, config: dict, image_size, plots: bool = True) -> dict:
+    """The model's "embedding" ranked by cosine through `reid_keras.evaluate.run` (table, plots, files
+    under run_dir/evaluation), as `python -m reid_keras.evaluate` would rank the run's best.keras."""
+    from reid_keras import evaluate as evaluation
+    from reid_keras.models.loading import EmbeddingModel
+
+    out = os.path.join(run_dir, "evaluation")
+    options = [arg for key, value in (config.get("dataset_options") or {}).items()
+               for arg in ("--dataset-option", f"{key}={value}")]
+    args = evaluation.build_parser().parse_args(
+        ["--model", os.path.join(run_dir, "best.keras"), "--dataset", dataset.name, "--data-root", dataset.root,
+         "--out", out, "--seed", str(config["seed"])] + options + ([] if plots else ["--no-plots"]))
+    embedding = model.get_layer("embedding")
+    wrapped = EmbeddingModel(embed_fn=lambda x: embedding(x, training=False), image_size=tuple(image_size),
+                             preprocessing=config["preprocessing"], source=os.path.join(run_dir, "best.keras"),
+                             kind="keras")
+    return evaluation.run(wrapped, dataset, out, args, tuple(image_size))
+
+
+def format_embedding_metrics(metrics: dict) -> str:
+    """One markdown row: the embedding's cosine ranking."""
+    m = metrics["embedding_cosine"]
+    return "\n".join([
+        "| ranking by | rank-1 | rank-5 | rank-10 | mAP | mINP |", "| --- | --- | --- | --- | --- | --- |",
+        f"| embedding, cosine | {100 * m['rank1']:.1f} | {100 * m['rank5']:.1f} | {100 * m['rank10']:.1f} | "
+        f"{100 * m['mAP']:.1f} | {100 * m['mINP']:.1f} |"])
 
 
 def micro_batch_size(global_batch: int, accumulate_steps: int) -> int:
