@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from reid_keras.training.distribute import mirrored_strategy
+
 from reid_keras.losses import (BatchHardTripletLoss, ContrastiveLoss, IdentificationLoss, VerificationLoss,
                                pairwise_distances)
 
@@ -189,7 +191,7 @@ def test_triplet_loss_reported_by_fit_machinery_single_and_mirrored():
     pids = np.array([0, 0, 1, 1, 2, 2, 3, 3], np.int32)        # P = 4, K = 2: each half holds 2 whole ids
     results = {}
     for devices in (["/cpu:0"], ["/cpu:0", "/cpu:1"]):
-        strategy = tf.distribute.MirroredStrategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
+        strategy = mirrored_strategy(devices) if len(devices) > 1 else tf.distribute.get_strategy()
         with strategy.scope():
             model = _linear_model()
             model.compile(optimizer="sgd", loss=BatchHardTripletLoss(0.3))

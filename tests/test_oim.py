@@ -7,6 +7,7 @@ import keras
 from reid_keras.losses import OIMLoss, oim_loss
 from reid_keras.models.layers import L2Normalize
 from reid_keras.models.oim import IGNORE, MASKED_LOGIT, UNLABELED, OIMAccuracy, OIMMemory, oim_accuracy
+from reid_keras.training.distribute import mirrored_strategy
 
 
 def unit(a):
@@ -262,7 +263,7 @@ def _fit(strategy):
 
 def test_two_replicas_keep_identical_memory_equal_to_one_device():
     one_history, one, one_model = _fit(tf.distribute.OneDeviceStrategy("/cpu:0"))
-    two_history, two, two_model = _fit(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    two_history, two, two_model = _fit(mirrored_strategy(["/cpu:0", "/cpu:1"]))
     assert set(one) == {"lookup_table", "queue", "queue_pointer", "queue_filled"}
     for name, copies in two.items():
         assert len(copies) == 2

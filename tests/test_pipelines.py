@@ -3,6 +3,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+
+from reid_keras.training.distribute import mirrored_strategy
 from PIL import Image
 
 from reid_keras.data.augment import AugmentConfig, augment_image
@@ -318,7 +320,7 @@ def test_pair_stream_distributes_over_two_devices(reid):
     devices = tf.config.list_logical_devices("CPU")
     if len(devices) < 2:
         pytest.skip("needs the two logical CPU devices set up in conftest.py")
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    strategy = mirrored_strategy([d.name for d in devices[:2]])
     ds = pair_dataset(reid, SIZE, 8, pairs_per_epoch=16, preprocess="none", augment=AugmentConfig.strong())
     (xa, xb), same = next(iter(strategy.experimental_distribute_dataset(ds)))
     local = strategy.experimental_local_results(same)

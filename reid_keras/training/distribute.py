@@ -19,12 +19,24 @@ def choose_strategy(devices=None) -> tf.distribute.Strategy:
             short = device.lower().replace("/device:", "/")
             if not any(k.endswith(short.lstrip("/")) for k in known):
                 raise ValueError(f"--devices: unknown device {device!r}; visible: {sorted(known)}")
-        return tf.distribute.MirroredStrategy(devices=list(devices)) if len(devices) > 1 \
-            else tf.distribute.OneDeviceStrategy(devices[0])
+        return mirrored_strategy(list(devices)) if len(devices) > 1 else tf.distribute.OneDeviceStrategy(devices[0])
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy()
+        return mirrored_strategy()
     return tf.distribute.get_strategy()
+
+
+def mirrored_strategy(devices=None) -> tf.distribute.MirroredStrategy:
+    """A MirroredStrategy whose collective keys differ from every earlier one in this process.
+
+    Each MirroredStrategy numbers its collective groups from the same start, and TF's collective
+    executor caches ops per (group, instance) key for the whole process: a second strategy in one
+    process (a notebook training twice, a test session) then meets the first one's cached op and
+    aborts ("Collective instance 100 expected type 2 ... but got type 0"). TF's own tests move the
+    class's key base per strategy (tensorflow/python/distribute/strategy_combinations.py); so do we.
+    """
+    tf.distribute.MirroredStrategy._collective_key_base += 100000  # private, see the docstring
+    return tf.distribute.MirroredStrategy(devices=devices)
 
 
 def describe(strategy: tf.distribute.Strategy) -> dict:
