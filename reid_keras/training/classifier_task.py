@@ -11,11 +11,13 @@ images), "steps_per_epoch" [one pass over the images], "augment" [None], "prepro
 """
 from __future__ import annotations
 
+from reid_keras.training.tasks import EmbeddingEvaluation
+
 
 SAMPLERS = ("pk", "random")
 
 
-class ClassifierTask:
+class ClassifierTask(EmbeddingEvaluation):
     """Builds, feeds, evaluates and exports a `build_classifier` model (trainer contract, tasks.py)."""
 
     def __init__(self, config: dict):
@@ -82,18 +84,6 @@ class ClassifierTask:
             return ((images, pids) if with_pid else images), {h: pids for h in heads}
 
         return ds.map(to_model), int(steps)
-
-    def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:
-        """Embedding (cosine) ranking of the dataset's query/gallery with `reid_keras.evaluate.run`."""
-        from reid_keras.training.tasks import evaluate_embedding
-
-        return {"embedding_cosine": evaluate_embedding(model, dataset, run_dir, self.config, self.image_size, plots)}
-
-    @staticmethod
-    def format_metrics(metrics: dict) -> str:
-        from reid_keras.training.tasks import format_embedding_metrics
-
-        return format_embedding_metrics(metrics)
 
     def export(self, model, out_dir: str) -> None:
         from reid_keras.export import export_model

@@ -12,8 +12,8 @@ pairs_per_epoch, steps_per_epoch, seed, jit_compile.
 """
 from __future__ import annotations
 
-
 from reid_keras.data.augment import as_hw
+from reid_keras.training.tasks import EmbeddingEvaluation
 
 # Pedestrian-shaped crops for input_shape="person" (height x width).
 PERSON_IMAGE_SIZE = (256, 128)
@@ -51,7 +51,7 @@ def crop_size(image_size, crop_scale) -> tuple | None:
     return tuple(int(round(side * scale)) for side in image_size)
 
 
-class IdVerTask:
+class IdVerTask(EmbeddingEvaluation):
     """Siamese identification + verification network (pairs with identities in, dict of heads out)."""
 
     def __init__(self, config: dict):
@@ -148,18 +148,6 @@ class IdVerTask:
         return ds, steps
 
     # -- evaluation and export --------------------------------------------------------------
-    def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:
-        """The shared embedding ranked by cosine (§III-F "Testing"), through `reid_keras.evaluate.run`."""
-        from reid_keras.training.tasks import evaluate_embedding
-
-        return {"embedding_cosine": evaluate_embedding(model, dataset, run_dir, self.config, self.image_size, plots)}
-
-    @staticmethod
-    def format_metrics(metrics: dict) -> str:
-        from reid_keras.training.tasks import format_embedding_metrics
-
-        return format_embedding_metrics(metrics)
-
     def export(self, model, out_dir: str) -> None:
         """SavedModel with `embed` (and `verify` when the model has the softmax verification head).
 

@@ -165,6 +165,17 @@ def format_embedding_metrics(metrics: dict) -> str:
         f"{100 * m['mAP']:.1f} | {100 * m['mINP']:.1f} |"])
 
 
+class EmbeddingEvaluation:
+    """Task mixin: evaluate and report the model's "embedding" ranked by cosine (needs `config`, `image_size`)."""
+
+    def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:
+        return {"embedding_cosine": evaluate_embedding(model, dataset, run_dir, self.config, self.image_size, plots)}
+
+    @staticmethod
+    def format_metrics(metrics: dict) -> str:
+        return format_embedding_metrics(metrics)
+
+
 def micro_batch_size(global_batch: int, accumulate_steps: int) -> int:
     """Pairs per fed batch when each update accumulates `accumulate_steps` batches of `global_batch`."""
     accumulate_steps = int(accumulate_steps or 1)
