@@ -1,4 +1,7 @@
 """Experiment files: parsing, the train arguments they produce, the results table, a smoke run."""
+import json
+import statistics
+
 import pytest
 
 from reid_keras import experiment
@@ -29,8 +32,8 @@ def test_spec_to_train_arguments_and_table(tmp_path):
     assert argv == ["--model", "siamese_b5", "--dataset", "cuhk01", "--output", "runs", "--name", "siamese_b5",
                     "--preset", "paper", "--data-root", "/d", "--weights", "imagenet",
                     "--dataset-option", "split=paper871", "--lr", "0.001"]
-    table = experiment.results_table(spec, [(spec["runs"][0], {"rank1": 61.25, "rank5": 90.0}),
-                                            (spec["runs"][1], None)])
+    table = experiment.results_table(spec, [(spec["runs"][0], [{None: {"rank1": 61.25, "rank5": 90.0}}]),
+                                            (spec["runs"][1], [])])
     assert "| siamese_b0 | paper | 70.1 | 95.2 |" in table
     assert "| siamese_b0 | ours | 61.2 | 90.0 |" in table or "| siamese_b0 | ours | 61.3 | 90.0 |" in table
     assert "| siamese_b5 | paper | – | – |" in table and "| siamese_b5 | ours | not run | not run |" in table
@@ -45,7 +48,7 @@ def test_spec_to_train_arguments_and_table(tmp_path):
     # Runs of one preset are told apart by their names, in the table and in --only.
     named = {"title": "t", "metrics": ["rank1"], "runs": [{"model": "resnet50_oim", "name": "oim_d128"},
                                                         {"model": "resnet50_oim", "name": "oim_d256"}]}
-    table = experiment.results_table(named, [(named["runs"][0], {"rank1": 1.0}), (named["runs"][1], None)])
+    table = experiment.results_table(named, [(named["runs"][0], [{None: {"rank1": 1.0}}]), (named["runs"][1], [])])
     assert "| oim_d128 | ours | 1.0 |" in table and "| oim_d256 | ours | not run |" in table
 
 
@@ -69,3 +72,102 @@ def test_smoke_run_writes_results_table(tmp_path, monkeypatch):
     assert "| siamese_b0 | ours |" in table and "not run" in table  # b5 skipped by --only
     ours = [line for line in table.splitlines() if line.startswith("| siamese_b0 | ours |")][0]
     assert all(0.0 <= float(v) <= 100.0 for v in ours.strip("| ").split(" | ")[2:])
+
+
+SPLITS_SPEC = """
+title = "CUHK03"
+dataset = "cuhk03"
+dataset_options = { protocol = "classic" }
+splits = 3
+protocols = ["single_shot", "multi_shot"]
+metrics = ["rank1", "mAP"]
+
+[[runs]]
+model = "resnet50_idver"
+name = "r"
+paper = { rank1 = 83.4, mAP = 86.4 }
+paper_multi_shot = { rank1 = 88.3, mAP = 85.0 }
+
+[[runs]]
+model = "resnet50_id"
+name = "baseline"
+"""
+
+
+def _finished_run(folder, single, multi=None):
+    """A run folder as the trainer leaves it (config.json + metrics.json): the runner reuses it."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    protocol = {"mean_std": {"rank-1": [single[0], None], "mAP": [single[1], None]}}
+    if multi is not None:
+        protocol["multi_shot"] = {"mean_std": {"rank-1": [multi[0], None], "mAP": [multi[1], None]}}
+    metrics = {"embedding_cosine": {"rank1": 0.01, "mAP": 0.01, "dataset_protocol": protocol}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_splits_are_trained_apart_and_averaged_with_their_sd(tmp_path):
+    path = tmp_path / "e.toml"
+    path.write_text(SPLITS_SPEC)
+    spec = experiment.load_experiment(str(path))
+    trainings = experiment.split_runs(spec, spec["runs"][0])
+    assert [t["name"] for t in trainings] == ["r-split00", "r-split01", "r-split02"]
+    assert [experiment.train_argv(spec, t, "/d", "o", False)[-2:] for t in trainings] == [
+        ["--dataset-option", f"split_index={i}"] for i in range(3)]
+    assert len(experiment.split_runs(spec, spec["runs"][0], smoke=True)) == experiment.SMOKE_SPLITS
+
+    single = [(0.5, 0.625), (0.75, 0.5), (0.25, 0.375)]
+    multi = [(0.8, 0.7), (0.6, 0.5), None]            # split 2 did not compute multi-shot
+    for i, (s, m) in enumerate(zip(single, multi)):
+        _finished_run(tmp_path / "runs" / f"r-split{i:02d}", s, m)
+    out = tmp_path / "table.md"
+    assert experiment.main([str(path), "--output", str(tmp_path / "runs"), "--results", str(out),
+                            "--only", "r"]) == 0  # nothing to train: every split's folder is finished
+    lines = out.read_text().splitlines()
+    assert "| model | source | single shot rank1 | single shot mAP | multi shot rank1 | multi shot mAP |" in lines
+    assert "| r | paper | 83.4 | 86.4 | 88.3 | 85.0 |" in lines
+    r1 = [100 * s[0] for s in single]
+    ap = [100 * s[1] for s in single]
+    cells = [f"{statistics.mean(r1):.1f} ± {statistics.stdev(r1):.1f}",
+             f"{statistics.mean(ap):.1f} ± {statistics.stdev(ap):.1f}",
+             f"{70.0:.1f} ± {statistics.stdev([80.0, 60.0]):.1f} (2 of 3 splits)",
+             f"{60.0:.1f} ± {statistics.stdev([70.0, 50.0]):.1f} (2 of 3 splits)"]
+    assert f"| r | ours, mean ± sd of 3 splits | {' | '.join(cells)} |" in lines
+    assert "| baseline | ours | not run | not run | not run | not run |" in lines
+
+
+def test_protocols_read_from_metrics_and_missing_ones_say_so():
+    metrics = {"embedding_cosine": {"rank1": 0.5, "mAP": 0.25,
+                                    "multi_query": {"mean_std": {"rank-1": [0.75, None], "mAP": [0.5, None]}}}}
+    spec = {"title": "t", "metrics": ["rank1", "mAP"], "protocols": ["single_query", "multi_query", "multi_shot"],
+            "runs": [{"model": "m"}]}
+    numbers = experiment.split_numbers(spec, metrics)
+    assert numbers == {"single_query": {"rank1": 50.0, "mAP": 25.0}, "multi_query": {"rank1": 75.0, "mAP": 50.0},
+                       "multi_shot": None}
+    table = experiment.results_table(spec, [(spec["runs"][0], [numbers])])
+    assert "| m | ours | 50.0 | 25.0 | 75.0 | 50.0 | not computed | not computed |" in table
+
+
+def test_gallery_curve_table_and_its_required_folder(tmp_path, capsys):
+    run = {"model": "resnet50_idver", "name": "iv",
+           "paper_gallery_curve": {"0": {"rank1": 79.51, "mAP": 59.87}, "500000": {"rank1": 68.26, "mAP": 45.24}}}
+    ours = [{"distractors": 0, "gallery_size": 100, "rank1": 0.5, "mAP": 0.25},
+            {"distractors": 40, "gallery_size": 140, "rank1": 0.375, "mAP": 0.125}]
+    lines = experiment.gallery_curve_table([(run, ours), (dict(run, name="other"), None)]).splitlines()
+    assert "| model | source | +0 | +40 | +500,000 |" in lines
+    assert "| iv | paper | 79.5 / 59.9 | – | 68.3 / 45.2 |" in lines
+    assert "| iv | ours | 50.0 / 25.0 | 37.5 / 12.5 | – |" in lines
+    assert "| other | ours | not run | not run | not run |" in lines
+    path = tmp_path / "e.toml"
+    path.write_text(SPEC.replace('metrics = ["rank1", "rank5"]', 'metrics = ["rank1", "rank5"]\ngallery_curve = true'))
+    assert experiment.main([str(path), "--output", str(tmp_path / "runs")]) == 2
+    assert "pass --distractors DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, message", [("splits = 0", "'splits' must be a positive integer"),
+                                           ("protocols = 'multi_query'", "'protocols' must be a list"),
+                                           ("gallery_curve = 'yes'", "'gallery_curve' must be true or false")])
+def test_bad_optional_keys_name_the_problem(tmp_path, line, message):
+    path = tmp_path / "e.toml"
+    path.write_text(SPEC.replace('metrics = ["rank1", "rank5"]', f'metrics = ["rank1", "rank5"]\n{line}'))
+    with pytest.raises(ValueError, match=message):
+        experiment.load_experiment(str(path))

@@ -38,6 +38,8 @@ def test_every_run_parses_and_carries_the_paper_numbers(name):
             assert config["family"] == "idver" and config["model"] == run["model"]
         assert set(run["paper"]) == set(spec["metrics"]), (name, run["name"])
         assert all(0 < v < 100 for v in run["paper"].values())
+        for protocol in spec.get("protocols", [])[1:]:  # every extra column group has the paper's numbers
+            assert set(run[f"paper_{protocol}"]) == set(spec["metrics"]), (name, run["name"], protocol)
 
 
 def test_resolved_configs_follow_the_paper_and_the_flags():
@@ -58,8 +60,11 @@ def test_resolved_configs_follow_the_paper_and_the_flags():
     assert contrastive["idver-market1501-resnet50_idver"]["verif_loss"] == "crossentropy"
     cuhk = _spec("idver_cuhk03")
     for run in cuhk["runs"]:
-        assert _resolved(cuhk, run)["dataset_options"] == {"protocol": "classic", "box_type": "detected",
-                                                           "split_index": 0}
+        trainings = experiment.split_runs(cuhk, run)
+        assert [t["name"] for t in trainings] == [f"{run['name']}-split{i:02d}" for i in range(20)]
+        for i, training in enumerate(trainings):
+            assert _resolved(cuhk, training)["dataset_options"] == {"protocol": "classic", "box_type": "detected",
+                                                                    "split_index": i}
     smoke = _resolved(cuhk, cuhk["runs"][0], smoke=True)  # smoke flags come last and win
     assert smoke["weights"] == "none" and smoke["image_size"] == (64, 32) and smoke["steps_per_epoch"] == 2
 
@@ -91,13 +96,14 @@ def test_paper_numbers_against_the_tables():
     assert mq["idver-market1501-resnet50_idver"] == {"rank1": 85.84, "mAP": 70.33}
     assert mq["idver-market1501-vgg16_id"] == {"rank1": 74.14, "mAP": 52.25}
     cuhk = {r["name"]: r for r in _spec("idver_cuhk03")["runs"]}
-    best = cuhk["idver-cuhk03-split0-resnet50_idver"]
+    best = cuhk["idver-cuhk03-resnet50_idver"]
     assert best["paper"] == {"rank1": 83.4, "rank5": 97.1, "rank10": 98.7, "mAP": 86.4}           # Table IV
     assert best["paper_multi_shot"] == {"rank1": 88.3, "rank5": 95.7, "rank10": 97.8, "mAP": 85.0}  # Table V
     curve = {r["name"]: r["paper_gallery_curve"] for r in _spec("idver_distractors")["runs"]}
     ours = curve["idver-market1501-resnet50_idver"]
-    assert [ours[k]["mAP"] for k in ("19732", "119732", "219732", "519732")] == [59.87, 52.28, 49.11, 45.24]
-    assert curve["idver-market1501-resnet50_id"]["519732"] == {"rank1": 70.67, "mAP": 46.05}
+    # keyed by distractors added: the paper's galleries of 19,732 + 0 / 100k / 200k / 500k
+    assert [ours[k]["mAP"] for k in ("0", "100000", "200000", "500000")] == [59.87, 52.28, 49.11, 45.24]
+    assert curve["idver-market1501-resnet50_id"]["500000"] == {"rank1": 70.67, "mAP": 46.05}
     contrastive = {r["name"]: r["paper"] for r in _spec("idver_contrastive")["runs"]}
     drop = {k: round(contrastive["idver-market1501-resnet50_idver"][k]
                      - contrastive["idver-market1501-resnet50_idver_contrastive"][k], 2) for k in ("rank1", "mAP")}
@@ -106,7 +112,8 @@ def test_paper_numbers_against_the_tables():
 
 def test_results_table_puts_paper_and_ours_side_by_side():
     spec = _spec("idver_contrastive")
-    table = experiment.results_table(spec, [(spec["runs"][0], {"rank1": 12.34, "mAP": 5.0}), (spec["runs"][1], None)])
+    table = experiment.results_table(spec, [(spec["runs"][0], [{None: {"rank1": 12.34, "mAP": 5.0}}]),
+                                            (spec["runs"][1], [])])
     lines = table.splitlines()
     assert "| idver-market1501-resnet50_idver | paper | 79.5 | 59.9 |" in lines
     assert "| idver-market1501-resnet50_idver | ours | 12.3 | 5.0 |" in lines
