@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
                    help="loader option, e.g. split=half or box_type=detected (repeatable)")
     p.add_argument("--weights", default=None, help="imagenet, none, or a weights file (preset default)")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (preset default)")
+    p.add_argument("--epochs", type=_non_negative_int, default=None,
+                   help="training epochs (preset default); 0 evaluates and exports the model as built, e.g. an "
+                        "ImageNet baseline")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="batches per epoch (default: one pass over the pairs of an epoch)")
     p.add_argument("--id-warmup-steps", type=_non_negative_int, default=None,

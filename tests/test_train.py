@@ -160,3 +160,17 @@ def test_identity_warmup_trains_the_shared_embedding_only_without_pretrained_wei
     assert any(v is kernel for v in classifier.trainable_variables)
     with pytest.raises(ValueError, match="at least 2 training identities"):
         build_identity_classifier(embedding, num_ids=1)
+
+
+@pytest.mark.slow
+def test_zero_epochs_evaluates_the_model_as_built(tmp_path):
+    code = train.main(["--model", "siamese_b0", "--epochs", "0", "--id-warmup-steps", "0", "--weights", "none",
+                       "--image-size", "64x32", "--synthetic-ids", "12", "--data-root", str(tmp_path / "data"),
+                       "--output", str(tmp_path / "runs"), "--name", "untrained", "--no-export", "--no-plots"])
+    assert code == 0
+    run = tmp_path / "runs" / "untrained"
+    assert (run / "last.keras").is_file() and not (run / "history.csv").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["embedding_cosine"]["model"] == str(run / "last.keras")
+    assert 0.0 <= metrics["embedding_cosine"]["mAP"] <= 1.0 and metrics["embedding_cosine"]["num_query"] > 0
+    assert "runtime_train_seconds" not in json.loads((run / "config.json").read_text())

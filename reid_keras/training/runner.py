@@ -10,6 +10,7 @@ import time
 
 import keras
 
+from reid_keras.io_utils import atomic_save_keras
 from reid_keras.training import callbacks as cbs
 from reid_keras.training.distribute import choose_strategy, describe, synchronize_batch_norm
 from reid_keras.training.run_folder import prepare_run_folder, update_config
@@ -41,7 +42,7 @@ def load_training_data(config: dict):
 def run_training(config: dict, name: str | None, export: bool = True, plots: bool = True,
                  extra_callbacks=()) -> str:
     """Train, evaluate and export as `config` says; returns the run folder."""
-    from reid_keras.training.tasks import make_task
+    from reid_keras.training.tasks import FINAL_MODEL, make_task
 
     task = make_task(config)          # fails fast on a bad preset before any data is written
     run_dir = prepare_run_folder(config["output"], name, config, resume=config["resume"])
@@ -93,6 +94,9 @@ def run_training(config: dict, name: str | None, export: bool = True, plots: boo
         if model.stop_training:
             raise ValueError(f"training stopped early (NaN loss?); see {run_dir}/history.csv")
 
+    final = os.path.join(run_dir, FINAL_MODEL)
+    if not os.path.exists(final):  # --epochs 0: evaluate and export the model as built (or warmed up)
+        atomic_save_keras(model, final)
     metrics = task.evaluate(model, dataset, run_dir, plots=plots)
     cbs.write_json_atomic(os.path.join(run_dir, "metrics.json"), metrics)
     print(task.format_metrics(metrics), flush=True)

@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+FINAL_MODEL = "last.keras"  # the model a run evaluates and exports; the runner makes sure it exists
+
 
 def make_task(config: dict):
     family = config.get("family")
@@ -139,7 +141,8 @@ class SiameseTask:
 
 def evaluate_embedding(model, dataset, run_dir: str, config: dict, image_size, plots: bool = True) -> dict:
     """The model's "embedding" ranked by cosine through `reid_keras.evaluate.run` (table, plots, files
-    under run_dir/evaluation), as `python -m reid_keras.evaluate` would rank the run's best.keras."""
+    under run_dir/evaluation), as `python -m reid_keras.evaluate` ranks the run's last.keras: the
+    final model, the one that is evaluated and exported (`best.keras` is the lowest training loss)."""
     from reid_keras import evaluate as evaluation
     from reid_keras.models.loading import EmbeddingModel
 
@@ -147,11 +150,11 @@ def evaluate_embedding(model, dataset, run_dir: str, config: dict, image_size, p
     options = [arg for key, value in (config.get("dataset_options") or {}).items()
                for arg in ("--dataset-option", f"{key}={value}")]
     args = evaluation.build_parser().parse_args(
-        ["--model", os.path.join(run_dir, "best.keras"), "--dataset", dataset.name, "--data-root", dataset.root,
+        ["--model", os.path.join(run_dir, FINAL_MODEL), "--dataset", dataset.name, "--data-root", dataset.root,
          "--out", out, "--seed", str(config["seed"])] + options + ([] if plots else ["--no-plots"]))
     embedding = model.get_layer("embedding")
     wrapped = EmbeddingModel(embed_fn=lambda x: embedding(x, training=False), image_size=tuple(image_size),
-                             preprocessing=config["preprocessing"], source=os.path.join(run_dir, "best.keras"),
+                             preprocessing=config["preprocessing"], source=os.path.join(run_dir, FINAL_MODEL),
                              kind="keras")
     return evaluation.run(wrapped, dataset, out, args, tuple(image_size))
 
