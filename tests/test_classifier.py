@@ -235,3 +235,15 @@ def test_task_evaluate_and_format(trained, tmp_path):
     assert os.path.isfile(tmp_path / "run" / "evaluation" / "metrics.json")
     table = task.format_metrics(metrics)
     assert table.splitlines()[2].startswith(f"| embedding, cosine | {100 * m['rank1']:.1f} |")
+
+
+def test_triplet_under_two_replicas_needs_whole_identities_per_replica():
+    from reid_keras.training.distribute import mirrored_strategy
+
+    strategy = mirrored_strategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope(), pytest.raises(ValueError, match=r"P = 3 identities per batch is not a multiple of the 2 "
+                                                           r"replicas.*use P = 4"):
+        ClassifierTask(task_config(P=3)).build(num_train_ids=3)  # refused before any layer is built
+    ClassifierTask(task_config(P=4)).check_replicas(2)
+    ClassifierTask(task_config(P=3, losses="id")).check_replicas(2)  # no mining: any P
+    ClassifierTask(task_config(P=3)).check_replicas(1)

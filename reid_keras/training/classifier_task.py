@@ -33,9 +33,21 @@ class ClassifierTask(EmbeddingEvaluation):
             raise ValueError("losses with 'triplet' need P x K batches (sampler 'pk'): random batches rarely hold "
                              "two images of one identity, so almost every anchor would have no positive")
 
+    def check_replicas(self, num_replicas: int) -> None:
+        """Batch-hard triplet mines within each replica's contiguous slice of the P x K batch: only with P a
+        multiple of the replica count does every slice hold whole identities (all K-1 positives)."""
+        P = int(self.config.get("P") or 0)
+        if "triplet" in self.heads and self.sampler == "pk" and num_replicas > 1 and P % num_replicas:
+            raise ValueError(f"P = {P} identities per batch is not a multiple of the {num_replicas} replicas: the "
+                             "triplet loss mines each replica's slice of the batch, which would split identities; "
+                             f"use P = {num_replicas * max(1, round(P / num_replicas))} (and --batch-size P*K)")
+
     def build(self, num_train_ids: int):
+        import tensorflow as tf
+
         from reid_keras.models.classifier import build_classifier, compile_classifier
 
+        self.check_replicas(tf.distribute.get_strategy().num_replicas_in_sync)  # build runs in the strategy scope
         c = self.config
         weights = None if str(c.get("weights")).lower() in ("none", "null") else c.get("weights")
         model, info = build_classifier(
