@@ -166,6 +166,45 @@ def test_market_count_check(tmp_path, monkeypatch):
         load_dataset("market1501", str(tmp_path), distractors_dir=str(tmp_path / "d"))
 
 
+def test_market_gt_bbox_becomes_multi_query_records(tmp_path):
+    """DATASETS.md §1 multi-query: gt_bbox boxes of the queries' (id, camera) pairs, nothing else."""
+    folder, _ = layouts.make_market(str(tmp_path))  # queries: (1, c4), (1, c5), (5, c1), (9, c2)
+    gt = os.path.join(folder, "gt_bbox")
+    names = {"0001_c4s1_000100_00.jpg": True, "0001_c4s1_000101_00.jpg": True, "0001_c5s2_000102_00.jpg": True,
+             "0005_c1s1_000104_00.jpg": True,
+             "0001_c1s1_000103_00.jpg": False,   # query id, but no query from camera 1
+             "0002_c1s1_000105_00.jpg": False,   # a training id
+             "-1_c4s1_000106_00.jpg": False,     # junk
+             "0000_c2s1_000107_00.jpg": False}   # distractor
+    for k, name in enumerate(names):
+        layouts.write_image(os.path.join(gt, name), seed=500 + k)
+    layouts.write_image(os.path.join(gt, "notaname.jpg"))
+    layouts.write_image(os.path.join(gt, "0009_c7s1_000108_00.jpg"))  # camera 7 in Market
+    ds = load_dataset("market1501", str(tmp_path))
+    expected = sorted((n, int(n.split("_")[0]), int(n.split("_")[1][1]) - 1) for n, keep in names.items() if keep)
+    assert rows(ds.multi_query) == expected
+    assert all(os.path.isabs(r.path) and os.path.dirname(r.path) == gt for r in ds.multi_query)
+    assert ds.info["gt_bbox images read"] == 8
+    assert ds.info["gt_bbox images kept for multi-query (query ids and cameras)"] == 4
+    assert ds.info["queries with no gt_bbox image of their id and camera"] == 1  # (9, c2)
+    assert ds.skipped.counts == {market1501._BAD_NAME: 1, "camera number outside 1-6": 1}
+    assert "gt_bbox images read: 8" in ds.summary()
+    # The split table and the count check ignore gt_bbox.
+    assert [r[0] for r in ds.split_stats()] == ["train", "query", "gallery"] and len(ds.query) == 4
+
+    shutil.rmtree(gt)
+    os.makedirs(gt)  # present but empty: still no error, the protocol is just off
+    empty = load_dataset("market1501", str(tmp_path))
+    assert empty.multi_query == [] and "no usable images" in empty.info["gt_bbox"]
+
+
+def test_market_without_gt_bbox_has_no_multi_query(tmp_path):
+    layouts.make_market(str(tmp_path))
+    ds = load_dataset("market1501", str(tmp_path))
+    assert ds.multi_query == [] and ds.skipped.total == 0
+    assert [k for k in ds.info if "gt_bbox" in k] == ["gt_bbox"] and "no gt_bbox/ folder" in ds.info["gt_bbox"]
+
+
 # ------------------------------------------------------------------------------ DukeMTMC-reID
 
 def test_dukemtmc(tmp_path):
@@ -176,6 +215,7 @@ def test_dukemtmc(tmp_path):
     assert rows(ds.query) == manifest["query"] and rows(ds.gallery) == manifest["bounding_box_test"]
     assert max(r.camid for r in ds.train) == 7  # camera 8
     assert 40 in {r.pid for r in ds.gallery} - {r.pid for r in ds.query}  # single-camera id kept
+    assert ds.multi_query == [] and not [k for k in ds.info if "gt_bbox" in k]  # Market only
     with pytest.raises(DatasetLayoutError, match="bounding_box_train"):
         load_dataset("dukemtmc", str(tmp_path / "DukeMTMC-reID" / "query"))
 

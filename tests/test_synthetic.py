@@ -5,6 +5,7 @@ File names are checked with regexes written here from DATASETS.md, independent o
 import collections
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import re
@@ -76,7 +77,8 @@ def test_same_seed_is_byte_identical_and_other_seed_differs(tmp_path, market):
 
 def test_market_layout_names_and_splits(market):
     root, summary = market
-    assert sorted(os.listdir(root)) == ["SYNTHETIC.json", "bounding_box_test", "bounding_box_train", "query"]
+    assert sorted(os.listdir(root)) == ["SYNTHETIC.json", "bounding_box_test", "bounding_box_train", "gt_bbox",
+                                        "query"]
     train = parse_folder(os.path.join(root, "bounding_box_train"), MARKET_RE)
     gallery = parse_folder(os.path.join(root, "bounding_box_test"), MARKET_RE)
     query = parse_folder(os.path.join(root, "query"), MARKET_RE)
@@ -103,9 +105,59 @@ def test_market_layout_names_and_splits(market):
     for split, count in (("bounding_box_train", len(train)), ("query", len(query))):
         assert re.search(rf"^{split}\s+\d+\s+{count}$", summary, re.M), summary
     assert re.search(rf"junk -1\)\s+1\s+{len(junk)}$", summary, re.M)
+    gt_bbox = parse_folder(os.path.join(root, "gt_bbox"), MARKET_RE)
     manifest = json.load(open(os.path.join(root, "SYNTHETIC.json")))
-    assert manifest["images"] == len(train) + len(gallery) + len(query)
+    assert manifest["images"] == len(train) + len(gallery) + len(query) + len(gt_bbox)
+    assert manifest["counts"]["gt_bbox"] == [len(test_ids), len(gt_bbox)] and manifest["generator_version"] == 2
+    assert re.search(rf"^gt_bbox\s+{len(test_ids)}\s+{len(gt_bbox)}$", summary, re.M), summary
     assert "images/s" in summary
+
+
+# Plans of generator version 1 (before gt_bbox/): sha256 of one line per image, see _plan_digest.
+V1_PLAN_DIGESTS = {
+    ("market1501", 30): (284, "2674add38b3339d7a4d6ebfe008b8932d94d8fadbbf9f944fd59160afd50783d"),
+    ("market1501", 300): (3193, "f7d5f7644fa7c5926675b5d99053e227318a968364dddc07eb32c5f11aa27d79"),
+    ("dukemtmc", 28): (377, "3d74e03640c697186917f75f6963bfa251c29c514ea314839ee0c51577718326"),
+}
+
+
+def _plan_digest(plan):
+    text = "\n".join(f"{p.relpath} {p.pid} {p.cam} {p.identity} {p.box} {p.index} {p.views}" for p in plan)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("layout, num_ids", sorted(V1_PLAN_DIGESTS))
+def test_gt_bbox_leaves_every_other_planned_image_unchanged(layout, num_ids):
+    """gt_bbox items come last: the images before them are exactly the version-1 plan (names,
+    identities, image indices, hence pixels), so measured learning-check numbers stay valid."""
+    plan = S.plan_dataset(layout, num_ids, seed=0)
+    count, digest = V1_PLAN_DIGESTS[(layout, num_ids)]
+    assert len(plan) >= count and _plan_digest(plan[:count]) == digest
+    assert all(p.relpath.startswith("gt_bbox/") for p in plan[count:])
+    assert (len(plan) > count) == (layout == "market1501")  # only Market has gt_bbox
+    assert len({p.relpath for p in plan}) == len(plan)
+
+
+def test_market_gt_bbox_holds_the_queries_and_more_boxes_of_test_ids(market):
+    root = market[0]
+    query = parse_folder(os.path.join(root, "query"), MARKET_RE)
+    gt_bbox = parse_folder(os.path.join(root, "gt_bbox"), MARKET_RE)
+    train_ids = {int(g[0]) for g in parse_folder(os.path.join(root, "bounding_box_train"), MARKET_RE).values()}
+    assert set(query) <= set(gt_bbox)
+    for name in query:  # the real query/ images are copies of gt_bbox images
+        with open(os.path.join(root, "query", name), "rb") as a, open(os.path.join(root, "gt_bbox", name), "rb") as b:
+            assert a.read() == b.read(), name
+    assert all(g[4] == "00" for g in gt_bbox.values())  # hand-drawn
+    per_pair = collections.Counter((g[0], g[1]) for g in gt_bbox.values())
+    assert set(per_pair) == {(g[0], g[1]) for g in query.values()}  # test ids and their query cameras only
+    assert not {int(g[0]) for g in gt_bbox.values()} & train_ids
+    assert set(per_pair.values()) <= {1, 2, 3} and max(per_pair.values()) > 1
+    extra = sorted(set(gt_bbox) - set(query))
+    with open(os.path.join(root, "gt_bbox", extra[0]), "rb") as handle:
+        data = handle.read()
+    twin = [n for n in query if query[n][:2] == gt_bbox[extra[0]][:2]]
+    with open(os.path.join(root, "query", twin[0]), "rb") as handle:
+        assert handle.read() != data  # another box of the same person and camera, drawn anew
 
 
 def test_market_images_are_native_size(market):
@@ -150,8 +202,10 @@ def test_loaders_read_synthetic_output(market, duke, cuhk01):
     assert (len(ds.train), len(ds.query), len(ds.gallery)) == (n["bounding_box_train"], n["query"],
                                                                  n["bounding_box_test"] - junk)
     assert ds.num_train_ids == 15 and ds.skipped.total == 0
+    assert len(ds.multi_query) == len(os.listdir(os.path.join(root, "gt_bbox")))  # all of a query's id and camera
+    assert ds.info["queries with no gt_bbox image of their id and camera"] == 0
     duke_ds = datasets.load_dataset("dukemtmc", duke)
-    assert len(duke_ds.query) == len(os.listdir(os.path.join(duke, "query")))
+    assert len(duke_ds.query) == len(os.listdir(os.path.join(duke, "query"))) and duke_ds.multi_query == []
     assert {r.camid for r in duke_ds.gallery} <= set(range(8))
     cuhk = datasets.load_dataset("cuhk01", cuhk01, split_file=os.path.join(os.path.dirname(cuhk01), "splits.json"))
     assert len(cuhk.train) + len(cuhk.query) + len(cuhk.gallery) == 48

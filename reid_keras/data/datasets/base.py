@@ -5,7 +5,10 @@ A re-ID dataset is three lists of `ImageRecord(path, pid, camid)`:
 - `train`: `pid` is the dense label 0..N-1 over the *sorted* distinct training ids
   (`ReidDataset.train_id_map` maps original id -> dense label);
 - `query` / `gallery`: `pid` is the original id, unchanged; distractors have pid 0, Market junk
-  (-1) is dropped when loading.
+  (-1) is dropped when loading;
+- `multi_query` (Market-1501 only, DATASETS.md §1 "Multi-query"): the hand-drawn `gt_bbox/` boxes
+  whose (original pid, camid) is that of some query, pooled per query by the evaluator; empty when
+  the dataset has no such protocol or the folder is absent.
 
 `camid` is 0-based (camera number in the file name - 1); -1 when unknown (500k distractors).
 """
@@ -74,6 +77,8 @@ class ReidDataset:
     train_id_map: dict = dataclasses.field(default_factory=dict)
     skipped: SkipReport = dataclasses.field(default_factory=SkipReport)
     info: dict = dataclasses.field(default_factory=dict)
+    # ImageRecords of the hand-drawn boxes pooled into multi-query features; empty = no multi-query protocol.
+    multi_query: list = dataclasses.field(default_factory=list)
 
     @property
     def num_train_ids(self) -> int:

@@ -3,13 +3,17 @@
 Also holds the "Market rules" shared with DukeMTMC-reID and the CUHK03 image-folder release:
 the basename regex `^(-?\\d+)_c(\\d)`, junk (-1) dropped, distractors (0000) kept in the gallery
 as pid 0, training labels dense over the sorted training ids.
+
+The optional `gt_bbox/` folder (hand-drawn boxes) feeds the multi-query protocol (DATASETS.md §1):
+its boxes of the queries' (id, camera) pairs become `ReidDataset.multi_query`.
 """
 from __future__ import annotations
 
 import os
 import re
 
-from reid_keras.data.datasets.base import ImageRecord, ReidDataset, SkipReport, relabel, resolve_root
+from reid_keras.data.datasets.base import (DatasetLayoutError, ImageRecord, ReidDataset, SkipReport, relabel,
+                                           resolve_root)
 from reid_keras.data.datasets.common import scan_split_folder, split_counts, verify_counts
 
 NAME_RE = re.compile(r"^(-?\d+)_c(\d)")
@@ -22,7 +26,8 @@ REQUIRED = ("bounding_box_train", "bounding_box_test", "query")
 LAYOUT = """Market-1501-v15.09.15/
   bounding_box_train/  0002_c1s1_000451_03.jpg ...  (12,936 images)
   bounding_box_test/   0000_c1s1_000151_01.jpg ...  (19,732 images, incl. junk -1 and distractors 0000)
-  query/               0001_c1s1_001051_00.jpg ...  (3,368 images)"""
+  query/               0001_c1s1_001051_00.jpg ...  (3,368 images)
+  gt_bbox/             0001_c1s1_001051_00.jpg ...  (25,259 hand-drawn boxes; optional, for multi-query)"""
 
 # DATASETS.md §1 table; module-level so tests can substitute small numbers.
 EXPECTED_COUNTS = {
@@ -85,6 +90,31 @@ def load_market_style(folder: str, name: str, num_cams: int, layout: str) -> Rei
                        train_id_map=train_id_map, skipped=skipped, info=info)
 
 
+def load_multi_query(dataset: ReidDataset, num_cams: int, layout: str) -> None:
+    """Fill `dataset.multi_query` from `<root>/gt_bbox/` when it exists (DATASETS.md §1, multi-query).
+
+    Kept: boxes of a real id (pid > 0) whose (pid, camid) is that of some query, in file order;
+    unparseable names go to the skip report. A missing or empty folder is not an error: the
+    multi-query protocol is then off and `dataset.info` says so in one entry.
+    """
+    folder = os.path.join(dataset.root, "gt_bbox")
+    if not os.path.isdir(folder):
+        dataset.info["gt_bbox"] = "no gt_bbox/ folder: no multi-query evaluation"
+        return
+    try:
+        records = read_market_split(folder, num_cams, dataset.skipped, layout)
+    except DatasetLayoutError:  # a folder without usable images: skips are already counted
+        dataset.info["gt_bbox"] = "gt_bbox/ holds no usable images: no multi-query evaluation"
+        return
+    wanted = {(r.pid, r.camid) for r in dataset.query}
+    dataset.multi_query = [r for r in records if r.pid > DISTRACTOR_PID and (r.pid, r.camid) in wanted]
+    covered = {(r.pid, r.camid) for r in dataset.multi_query}
+    dataset.info["gt_bbox images read"] = len(records)
+    dataset.info["gt_bbox images kept for multi-query (query ids and cameras)"] = len(dataset.multi_query)
+    dataset.info["queries with no gt_bbox image of their id and camera"] = sum(
+        (r.pid, r.camid) not in covered for r in dataset.query)
+
+
 def load_distractors(folder: str, skipped: SkipReport) -> list:
     """Every image under `folder` as pid 0, camid -1; names are not parsed (DATASETS.md §1)."""
     layout = f"{folder}/  the unpacked 500k distractor images (any names, subfolders allowed)"
@@ -108,6 +138,7 @@ def load(root: str, strict: bool | None = None, distractors_dir: str | None = No
     found = split_counts(dataset)
     found["gallery junk dropped"] = dataset.info["gallery junk dropped"]
     verify_counts("market1501", found, EXPECTED_COUNTS, strict)
+    load_multi_query(dataset, num_cams=6, layout=LAYOUT)
     if distractors_dir is not None:
         extra = load_distractors(distractors_dir, dataset.skipped)
         verify_counts("market1501 500k distractors", {"500k distractor images": len(extra)},

@@ -1,11 +1,12 @@
 """Synthetic pedestrian datasets written in the exact layouts of the real benchmarks (issue 2, item 2).
 
 The images (drawn by `synthetic_render`) go to disk with the folder trees and file names of
-DATASETS.md §1 (Market-1501, including `-1` junk and `0000` distractors), §2 (DukeMTMC-reID,
-including identities seen by one camera only) and §4 (CUHK01), so the real loaders read them.
+DATASETS.md §1 (Market-1501, including `-1` junk, `0000` distractors and the hand-drawn `gt_bbox/`
+boxes of the multi-query protocol), §2 (DukeMTMC-reID, including identities seen by one camera
+only) and §4 (CUHK01), so the real loaders read them.
 
 Everything is deterministic by `seed`: the plan (which image goes where under which name) comes from
-one seeded generator, and each image is drawn from its own generator seeded by (seed, image index),
+seeded generators (`plan_dataset`), and each image is drawn from its own generator seeded by (seed, image index),
 so the bytes do not depend on the order or the number of worker processes.
 
 Example:
@@ -29,7 +30,9 @@ from .synthetic_layouts import LAYOUTS, PlannedImage, check_args, plan_dataset, 
 from .synthetic_attributes import camera_style, identity_attributes
 from .synthetic_render import render_identity_image
 
-GENERATOR_VERSION = 1  # bump when the drawing changes: ensure_synthetic then rewrites old copies
+# Bump when the drawing or the layout changes: ensure_synthetic then rewrites old copies.
+# 2: Market gets gt_bbox/ (multi-query); every other file is unchanged from 1.
+GENERATOR_VERSION = 2
 MANIFEST = "SYNTHETIC.json"
 
 

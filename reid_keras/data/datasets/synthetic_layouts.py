@@ -27,7 +27,7 @@ class Layout:
 
 LAYOUTS = {
     "market1501": Layout("Market-1501-v15.09.15", (128, 64), 6, ".jpg",
-                         ("bounding_box_train", "bounding_box_test", "query")),
+                         ("bounding_box_train", "bounding_box_test", "query", "gt_bbox")),
     "dukemtmc": Layout("DukeMTMC-reID", (128, 64), 8, ".jpg",
                        ("bounding_box_train", "bounding_box_test", "query")),
     "cuhk01": Layout("CUHK01", (160, 60), 2, ".png", ("campus",)),
@@ -36,6 +36,7 @@ DEFAULT_IMAGES_PER_ID_CAM = (1, 3)
 JUNK_FRACTION = 0.05        # Market: `-1` files per gallery detection (the real set has 19 %)
 DISTRACTOR_FRACTION = 0.08  # Market: `0000` files per gallery detection (the real set has 14 %)
 DUKE_EXTRA_IDS = 408 / 1404  # Duke: ids seen by one camera only, per train + test id
+GT_BBOX_EXTRA = (0, 2)      # Market: extra hand-drawn gt_bbox boxes per test id and camera, besides the query
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,13 @@ def plan_dataset(layout: str, num_ids: int = 200, num_cams: int | None = None, s
     rest test (Market: 751 / 750). Each identity is seen by 2..num_cams cameras with lo..hi
     detections per camera; a test identity also gets one query per camera it visits (DATASETS.md
     §1: at most one per id and camera), so each query has a match in another camera.
+
+    Market also gets `gt_bbox/` (hand-drawn boxes, for the multi-query protocol): per test id and
+    camera a copy of the query (same name and image index, hence the same pixels: the real
+    query/ images are copies of gt_bbox images) and GT_BBOX_EXTRA more boxes of that person there.
+    Unlike the real set, training ids get no gt_bbox boxes (nothing reads them). These items come
+    last and draw from their own generator, so every other image keeps the name, index and pixels
+    it had before gt_bbox existed (generator version 1).
     """
     spec, cams, (lo, hi) = check_args(layout, num_ids, num_cams, images_per_id_cam, seed)
     rng = np.random.default_rng([seed, 41, list(LAYOUTS).index(layout)])
@@ -106,15 +114,15 @@ def plan_dataset(layout: str, num_ids: int = 200, num_cams: int | None = None, s
     test_ids = {int(p) for p in perm[(num_ids + 1) // 2:]}
     names: set = set()
 
-    def name(pid, cam, box):
+    def name(pid, cam, box, gen=rng):
         while True:
             if layout == "market1501":
-                frame = int(rng.integers(1, 1_000_000))
-                boxno = 0 if box == "query" else int(rng.integers(1, 9))  # hand-drawn queries are _00
-                out = f"{pid:04d}_c{cam}s{int(rng.integers(1, 7))}_{frame:06d}_{boxno:02d}.jpg"
+                frame = int(gen.integers(1, 1_000_000))
+                boxno = 0 if box == "query" else int(gen.integers(1, 9))  # hand-drawn queries are _00
+                out = f"{pid:04d}_c{cam}s{int(gen.integers(1, 7))}_{frame:06d}_{boxno:02d}.jpg"
                 out = out.replace("-001_", "-1_")
             else:
-                out = f"{pid:04d}_c{cam}_f{int(rng.integers(1, 10_000_000)):07d}.jpg"
+                out = f"{pid:04d}_c{cam}_f{int(gen.integers(1, 10_000_000)):07d}.jpg"
             if out not in names:
                 names.add(out)
                 return out
@@ -140,6 +148,13 @@ def plan_dataset(layout: str, num_ids: int = 200, num_cams: int | None = None, s
         for _ in range(max(1, round(DISTRACTOR_FRACTION * gallery))):
             cam = int(rng.integers(1, cams + 1))
             add("bounding_box_test", name(0, cam, "distractor"), 0, cam, 0, "distractor")
+        queries = [p for p in plan if p.relpath.startswith("query/")]
+        extra_rng = np.random.default_rng([seed, 43])  # apart from `rng`: the items above stay as they were
+        for query in queries:
+            plan.append(dataclasses.replace(query, relpath="gt_bbox/" + query.relpath[len("query/"):]))
+            for _ in range(int(extra_rng.integers(GT_BBOX_EXTRA[0], GT_BBOX_EXTRA[1] + 1))):
+                add("gt_bbox", name(query.pid, query.cam, "query", extra_rng), query.pid, query.cam, query.pid,
+                    "query")
     else:
         for pid in range(num_ids + 1, num_ids + 1 + max(1, round(num_ids * DUKE_EXTRA_IDS))):
             cam = int(rng.integers(1, cams + 1))
