@@ -1,13 +1,15 @@
 """`python -m reid_keras.evaluate`: rank a dataset's gallery for its queries with a trained model.
 
     python -m reid_keras.evaluate --model runs/x/model.keras --dataset market1501 --data-root /data/market \
-        [--rerank] [--query-expansion] [--distractors /data/market/500k] [--out DIR]
+        [--rerank] [--query-expansion] [--distractors /data/market/500k] [--multi-query max] [--out DIR]
 
 Prints rank-1/5/10/20, mAP and mINP (PROTOCOLS.md (a); CUHK01 and classic CUHK03 also get their
-paper protocol, (c) / (b)), writes `metrics.json`, appends a row to a
-results CSV and draws the CMC curve, a ranked-list grid, the camera-pair heatmap, the pair
-distance histograms with the equal-error threshold, a t-SNE of the embeddings and, with
-`--distractors`, the gallery-size curve (identification-verification paper Table VI).
+paper protocol, (c) / (b); Market-1501 with `gt_bbox/` also gets multi-query, DATASETS.md §1: each
+query pooled over the hand-drawn boxes of its id and camera, `--multi-query mean|max|off`; these
+live in `paper_protocols`), writes `metrics.json`, appends a row to a results CSV and draws the
+CMC curve, a ranked-list grid, the camera-pair heatmap, the pair distance histograms with the
+equal-error threshold, a t-SNE of the embeddings and, with `--distractors`, the gallery-size
+curve (identification-verification paper Table VI).
 Features are cached in the output folder and reused by a rerun with the same model.
 """
 from __future__ import annotations
@@ -23,6 +25,9 @@ import sys
 import numpy as np
 
 from reid_keras.io_utils import atomic_write_json, atomic_write_text
+# The benchmarks' own protocols live in paper_protocols; re-exported here for existing callers.
+from reid_keras.paper_protocols import (MULTI_QUERY_CHOICES, dataset_protocol, distractor_curve,  # noqa: F401
+                                        multi_query_protocol)
 
 RANKS = (1, 5, 10, 20)
 CSV_FIELDS = ["time", "model", "dataset", "variant", "ap_variant", "flip", "rank1", "rank5", "rank10", "rank20",
@@ -89,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distractors", default=None, help="folder of distractor images for the gallery-size curve")
     p.add_argument("--distractor-sizes", default=None,
                    help="comma-separated distractor counts (default: 0,100k,200k,500k or fractions of the folder)")
+    p.add_argument("--multi-query", default="mean", choices=list(MULTI_QUERY_CHOICES),
+                   help="Market-1501 multi-query protocol when the dataset has gt_bbox/: pool each query's "
+                        "id-and-camera boxes by mean or element-wise max (DATASETS.md §1), or off")
     p.add_argument("--memory-budget-mb", type=int, default=1024, help="memory for chunked ranking")
     p.add_argument("--tsne-ids", type=int, default=30, help="identities in the t-SNE plot")
     p.add_argument("--tsne-points", type=int, default=2000, help="points in the t-SNE plot")
@@ -193,6 +201,11 @@ def format_table(metrics: dict) -> str:
         if "multi_shot" in paper:
             lines.append(f"{paper['multi_shot']['name']}: " + ", ".join(
                 f"{k} {100 * m:.2f}" for k, (m, _) in paper["multi_shot"]["mean_std"].items()))
+    if "multi_query" in metrics:
+        mq = metrics["multi_query"]
+        lines.append(f"{mq['name']}: " + ", ".join(f"{k} {100 * m:.2f}" for k, (m, _) in mq["mean_std"].items())
+                     + f" ({mq['pool_images']} gt_bbox images, {mq['queries_without_pool_images']} queries "
+                       "without any)")
     if "same_person_threshold" in metrics:
         t = metrics["same_person_threshold"]
         lines.append(f"same-person threshold (equal error rate): cosine distance <= {t['threshold']:.4f} "
@@ -211,68 +224,6 @@ def _model_key(model, image_size, preprocess) -> str:
     source = os.path.abspath(model.source)
     stamp = os.path.getmtime(os.path.join(source, "saved_model.pb") if os.path.isdir(source) else source)
     return json.dumps([source, stamp, list(image_size), preprocess])
-
-
-def distractor_curve(model, query, gallery, out: str, args, image_size, key: str) -> list:
-    """Embed the distractor folder (cached) and evaluate the nested gallery-size tiers."""
-    from reid_keras.data.datasets.base import SkipReport
-    from reid_keras.data.datasets.market1501 import load_distractors
-    from reid_keras.metrics.diagnostics import distractor_tiers, gallery_size_curve
-    from reid_keras.metrics.features import extract_features
-
-    skipped = SkipReport()
-    records = load_distractors(args.distractors, skipped)
-    if skipped.total:
-        print(f"distractors: {skipped}")
-    if not records:
-        raise UsageError(f"--distractors {args.distractors!r} holds no readable images")
-    if args.distractor_sizes:
-        try:
-            sizes = [int(float(v)) for v in args.distractor_sizes.split(",")]
-        except ValueError:
-            raise UsageError(f"--distractor-sizes {args.distractor_sizes!r}: expected comma-separated counts") from None
-        too_big = [s for s in sizes if s > len(records) or s < 0]
-        if too_big:
-            raise UsageError(f"--distractor-sizes {too_big} outside 0..{len(records)} (images in the folder)")
-    else:
-        sizes = distractor_tiers(len(records))
-    feats = extract_features(model, records, batch_size=args.batch_size, flip=not args.no_flip,
-                             image_size=image_size, cache=os.path.join(out, "features_distractors.npz"),
-                             cache_key=key, label="distractor features")
-    return gallery_size_curve(query, gallery, feats.features, sizes, seed=args.seed, ap=args.ap,
-                              memory_budget_mb=args.memory_budget_mb)
-
-
-def dataset_protocol(dataset, query, gallery, args):
-    """The benchmark's own paper protocol where it is not (a): CUHK01 (c), classic CUHK03 (b)."""
-    from reid_keras.metrics import protocols
-
-    if dataset.name == "cuhk01":
-        direction = dataset.info.get("direction", "A->B")
-        cam_a, cam_b = (query, gallery) if direction == "A->B" else (gallery, query)
-        result = protocols.evaluate_cuhk01(features_a=cam_a.features, pids_a=cam_a.pids, features_b=cam_b.features,
-                                           pids_b=cam_b.pids, trials=10, seed=args.seed, direction=direction)
-        table = {k: [v[0] / 100, v[1] / 100] for k, v in result["table"].items()}  # fractions like the rest
-        return {"name": f"CUHK01 paper protocol (PROTOCOLS.md (c)), {result['trials']} trials, {direction}",
-                "mean_std": table, "trials": result["trials"], "seed": args.seed, "num_ids": result["num_ids"]}
-    if dataset.name == "cuhk03" and str(dataset.info.get("protocol", "")).startswith("classic"):
-        split = int(dataset.info.get("split_index", 0))
-        tables = {}
-        for mode in ("single_shot", "multi_shot"):  # idver paper Table IV and Table V
-            result = protocols.evaluate_cuhk03(query_features=query.features, gallery_features=gallery.features,
-                                               query_pids=query.pids, gallery_pids=gallery.pids,
-                                               query_cams=query.camids, gallery_cams=gallery.camids, mode=mode,
-                                               repeats=10, seed=args.seed, split_index=split,
-                                               max_rank=args.max_rank)
-            cmc = np.asarray(result["cmc"])
-            tables[mode] = {f"rank-{k}": [float(cmc[k - 1]), None] for k in RANKS if k <= len(cmc)}
-            tables[mode]["mAP"] = [float(result["mAP"]), None]
-        return {"name": f"CUHK03 classic single-shot (PROTOCOLS.md (b)), split {split}, 10 repeats",
-                "mean_std": tables["single_shot"], "multi_shot": {
-                    "name": f"CUHK03 classic multi-shot (PROTOCOLS.md (b)), split {split}",
-                    "mean_std": tables["multi_shot"]},
-                "seed": args.seed, "split_index": split}
-    return None
 
 
 def run(model, dataset, out: str, args, image_size) -> dict:
@@ -316,6 +267,9 @@ def run(model, dataset, out: str, args, image_size) -> dict:
     paper = dataset_protocol(dataset, query, gallery, args)
     if paper is not None:
         metrics["dataset_protocol"] = paper
+    multi = multi_query_protocol(model, dataset, query, gallery, out, args, image_size, key)
+    if multi is not None:
+        metrics["multi_query"] = multi
     cams = cross_camera_matrix(query.pids, gallery.pids, query.camids, gallery.camids,
                                query_features=final["query_features"], gallery_features=gallery.features,
                                distmat=final["distmat"], ap=args.ap, memory_budget_mb=args.memory_budget_mb)

@@ -1,17 +1,20 @@
 """Evaluation metrics (PROTOCOLS.md): re-ID ranking with CMC / mAP / mINP ((a), (f)), classic
-CUHK03 and CUHK01 protocols ((b), (c)), bounded-memory distances, k-reciprocal re-ranking and
-query expansion. `rerank_k_reciprocal` / `query_expansion` import scipy.sparse on first use."""
+CUHK03 and CUHK01 protocols ((b), (c)), Market-1501 multi-query pooling (DATASETS.md §1),
+bounded-memory distances, k-reciprocal re-ranking and query expansion. `rerank_k_reciprocal` /
+`query_expansion` import scipy.sparse on first use."""
 from reid_keras.metrics.distances import (GalleryIndex, chunk_rows, iter_distance_blocks,
                                           pairwise_distance)
+from reid_keras.metrics.multi_query import POOLING_METHODS, pool_multi_query
 from reid_keras.metrics.protocols import (aggregate_splits, draw_single_shot_gallery,
                                           evaluate_cuhk01, evaluate_cuhk03)
 from reid_keras.metrics.ranking import AP_VARIANTS, evaluate_ranking, rank_queries
 
 _LAZY = {"rerank_k_reciprocal", "query_expansion"}
 
-__all__ = ["AP_VARIANTS", "GalleryIndex", "aggregate_splits", "chunk_rows", "draw_single_shot_gallery",
-           "evaluate_cuhk01", "evaluate_cuhk03", "evaluate_ranking", "iter_distance_blocks",
-           "pairwise_distance", "query_expansion", "rank_queries", "rerank_k_reciprocal"]
+__all__ = ["AP_VARIANTS", "GalleryIndex", "POOLING_METHODS", "aggregate_splits", "chunk_rows",
+           "draw_single_shot_gallery", "evaluate_cuhk01", "evaluate_cuhk03", "evaluate_ranking",
+           "iter_distance_blocks", "pairwise_distance", "pool_multi_query", "query_expansion", "rank_queries",
+           "rerank_k_reciprocal"]
 
 
 def __getattr__(name):
