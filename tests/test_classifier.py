@@ -224,9 +224,9 @@ def test_task_evaluate_and_format(trained, tmp_path):
     # As the runner does: the checkpoint exists (evaluation keys its feature cache on it). It loads
     # in safe mode with its custom losses and gives the same features.
     os.makedirs(tmp_path / "run")
-    model.save(tmp_path / "run" / "best.keras")
+    model.save(tmp_path / "run" / "last.keras")
     images = np.random.default_rng(2).uniform(0, 255, (2, *SIZE, 3)).astype("float32")
-    reloaded = load_embedding_model(str(tmp_path / "run" / "best.keras"), preprocessing="vgg16")
+    reloaded = load_embedding_model(str(tmp_path / "run" / "last.keras"), preprocessing="vgg16")
     expected = model.get_layer("embedding")(preprocess(images, "vgg16"), training=False)
     np.testing.assert_allclose(reloaded.embed(images), np.asarray(expected), rtol=1e-5, atol=1e-5)
     metrics = task.evaluate(model, dataset, str(tmp_path / "run"), plots=False)

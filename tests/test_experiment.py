@@ -2,6 +2,8 @@
 import json
 import statistics
 
+import keras
+import numpy as np
 import pytest
 
 from reid_keras import experiment
@@ -63,15 +65,32 @@ def test_bad_experiment_files_name_the_problem(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_smoke_run_writes_results_table(tmp_path, monkeypatch):
+    """One real training through the runner, with the multi-query column group and the gallery curve:
+    the curve's +0 tier re-evaluates the run's own model, so it must equal the run's headline numbers."""
     path = tmp_path / "e.toml"
-    path.write_text(SPEC)
+    path.write_text(SPEC.replace('metrics = ["rank1", "rank5"]', 'metrics = ["rank1", "mAP"]\n'
+                                 'protocols = ["single_query", "multi_query"]\ngallery_curve = true'))
+    distractors = tmp_path / "distractors"
+    distractors.mkdir()
+    for i in range(5):
+        keras.utils.save_img(str(distractors / f"d{i}.jpg"), np.random.default_rng(i).integers(0, 255, (64, 32, 3)))
     monkeypatch.chdir(tmp_path)
     assert experiment.main([str(path), "--smoke", "--only", "siamese_b0", "--output", str(tmp_path / "runs"),
-                            "--data-root", str(tmp_path / "data")]) == 0
-    table = (tmp_path / "experiments" / "results" / "e_smoke.md").read_text()
-    assert "| siamese_b0 | ours |" in table and "not run" in table  # b5 skipped by --only
-    ours = [line for line in table.splitlines() if line.startswith("| siamese_b0 | ours |")][0]
-    assert all(0.0 <= float(v) <= 100.0 for v in ours.strip("| ").split(" | ")[2:])
+                            "--data-root", str(tmp_path / "data"), "--distractors", str(distractors)]) == 0
+    lines = (tmp_path / "experiments" / "results" / "e_smoke.md").read_text().splitlines()
+    assert "| siamese_b5 | ours | not run | not run | not run | not run |" in lines  # skipped by --only
+    ours = [line for line in lines if line.startswith("| siamese_b0 | ours |")]
+    assert len(ours) == 2  # the results row and the gallery-curve row
+    cells = [float(v) for v in ours[0].strip("| ").split(" | ")[2:]]
+    assert len(cells) == 4 and all(0.0 <= v <= 100.0 for v in cells)  # single query and multi-query
+    metrics = json.loads((tmp_path / "runs" / "siamese_b0" / "metrics.json").read_text())["embedding_cosine"]
+    assert metrics["multi_query"]["pool_images"] > 0
+    curve = json.loads((tmp_path / "runs" / "siamese_b0" / "eval_distractors" / "metrics.json").read_text())
+    tiers = curve["gallery_size_curve"]
+    assert [t["distractors"] for t in tiers][-1] == 5 and tiers[0]["distractors"] == 0
+    assert tiers[0]["rank1"] == pytest.approx(metrics["rank1"], abs=1e-6)
+    assert tiers[0]["mAP"] == pytest.approx(metrics["mAP"], abs=1e-6)
+    assert ours[1].split(" | ")[2] == f"{100 * metrics['rank1']:.1f} / {100 * metrics['mAP']:.1f}"
 
 
 SPLITS_SPEC = """
