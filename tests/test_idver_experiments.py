@@ -141,14 +141,15 @@ def _benchmark():
 
 def test_benchmark_table_and_arguments(capsys):
     bench = _benchmark()
-    rows = [{"model": "resnet50_id", "rank1": 0.5, "mAP": 0.25, "train_seconds": 90.0, "wall": 150.0},
+    rows = [{"model": "resnet50_id", "rank1": 0.5, "mAP": 0.25, "mq_rank1": 0.625, "mq_mAP": 0.375,
+             "train_seconds": 90.0, "wall": 150.0},
             {"model": "resnet50_verif", "error": "exit code 1: boom", "wall": 6.0},
             {"model": "colour histogram (stripes x HSV), no training", "rank1": 0.125, "mAP": 0.0625,
              "train_seconds": 0.0, "wall": 3.0}]
     lines = bench.format_table(rows).splitlines()
-    assert lines[2] == "| resnet50_id — I (identification only) | 50.0 | 25.0 | 1.5 | 2.5 |"
-    assert lines[3] == "| resnet50_verif — V (verification only) | failed | failed | – | 0.1 |"
-    assert lines[4] == "| colour histogram (stripes x HSV), no training | 12.5 | 6.2 | 0.0 | 0.1 |"
+    assert lines[2] == "| resnet50_id — I (identification only) | 50.0 | 25.0 | 62.5 | 37.5 | 1.5 | 2.5 |"
+    assert lines[3] == "| resnet50_verif — V (verification only) | failed | failed | failed | failed | – | 0.1 |"
+    assert lines[4] == "| colour histogram (stripes x HSV), no training | 12.5 | 6.2 | – | – | 0.0 | 0.1 |"
     with pytest.raises(SystemExit):
         bench.main(["--models", "resnet50_id,siamese_b0"])
     assert "--models siamese_b0: expected some of resnet50_id" in capsys.readouterr().err
