@@ -189,3 +189,32 @@ def test_match_cli_bad_arguments(exported, tmp_path, capsys):
     with pytest.raises(SystemExit):
         match.main([str(tmp_path / "a.png"), str(tmp_path / "a.png"), "--model", str(tmp_path)])
     assert "not a reid_keras export" in capsys.readouterr().err
+
+
+def test_load_model_reopens_a_run_model_in_a_fresh_process(tmp_path):
+    """A fresh interpreter knows none of our registered layers: plain Keras fails, `load_model` works."""
+    import subprocess
+    import sys
+
+    import keras
+
+    from reid_keras.models.layers import SquareLayer
+
+    a, b = keras.Input((4,)), keras.Input((4,))
+    out = keras.layers.Dense(2, name="verification")(SquareLayer(name="square")([a, b]))
+    model = keras.Model([a, b], out)
+    model.compile(optimizer="rmsprop", loss="sparse_categorical_crossentropy")
+    path = str(tmp_path / "last.keras")
+    model.save(path)
+    x = np.arange(8, dtype="float32").reshape(2, 4) / 8
+    expected = np.asarray(model([x, x[::-1]]))
+    script = (f"import numpy as np; x = np.arange(8, dtype='float32').reshape(2, 4) / 8\n"
+              f"from reid_keras.models import load_model\nm = load_model({path!r})\n"
+              f"np.save({str(tmp_path / 'out.npy')!r}, np.asarray(m([x, x[::-1]])))")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    plain = subprocess.run([sys.executable, "-c", f"import keras; keras.saving.load_model({path!r})"],
+                           capture_output=True, text=True, env=env)
+    assert plain.returncode != 0 and "SquareLayer" in plain.stderr
+    ours = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-6)
