@@ -1,10 +1,10 @@
-"""Backbone factory: keras.applications EfficientNetB0…B5, ResNet50 and VGG16 without top, with
-`--weights imagenet|none|PATH`.
+"""Backbone factory: keras.applications EfficientNetB0…B5, ResNet50 and VGG16 without top, and our own
+CaffeNet (`models/caffenet.py`, keras.applications has none), with `--weights imagenet|none|PATH`.
 
 The siamese model of efficientnet_siamese_cuhk01.txt §II.A–B starts from an ImageNet-trained
 EfficientNet; the identification+verification model (identification_verification_embedding.txt
-§III-B) from an ImageNet-trained ResNet-50 or VGG16. ResNet50 and VGG16 have no preprocessing
-inside the model: they expect "caffe" input (RGB->BGR minus the ImageNet means,
+§III-B) from an ImageNet-trained CaffeNet, VGG16 or ResNet-50. ResNet50, VGG16 and CaffeNet have no
+preprocessing inside the model: they expect "caffe" input (RGB->BGR minus the ImageNet means,
 `reid_keras.data.preprocessing`), which the pipelines apply outside the model
 (`BACKBONE_PREPROCESSING`). Everything below about the stem concerns EfficientNet only.
 
@@ -30,6 +30,11 @@ silently mis-normalises every image. `build_backbone` therefore:
   ResNet50 / VGG16 files are loaded as they are (no stem to choose).
 - PATH to a `.keras` checkpoint (a whole siamese model or a bare backbone): the backbone inside it
   is re-instantiated at `image_size` with its own stem, and its weights copied.
+
+CaffeNet has no download: `imagenet` loads `<cache>/caffenet_imagenet.weights.h5`, written by
+`python -m reid_keras.models.caffenet convert bvlc_reference_caffenet.caffemodel`, and otherwise
+warns and starts from random weights as above; a PATH may also be a `.caffemodel` (converted on
+the fly). Its inputs must be >= 199 pixels a side (`caffenet.MIN_INPUT_SIDE`; the paper uses 227).
 """
 from __future__ import annotations
 
@@ -44,9 +49,11 @@ from typing import Optional, Sequence, Tuple
 
 import keras
 
-# Keras application constructor per supported backbone: the EfficientNet siamese paper evaluates
-# B0 through B5 (§III); the identification+verification paper ResNet-50 and VGG16 (§III-B).
-BACKBONES = {
+from reid_keras.models import caffenet as _caffenet
+
+# Keras application constructor per keras.applications backbone: the EfficientNet siamese paper
+# evaluates B0 through B5 (§III); the identification+verification paper ResNet-50 and VGG16 (§III-B).
+KERAS_BACKBONES = {
     "efficientnetb0": "EfficientNetB0",
     "efficientnetb1": "EfficientNetB1",
     "efficientnetb2": "EfficientNetB2",
@@ -56,6 +63,10 @@ BACKBONES = {
     "resnet50": "ResNet50",
     "vgg16": "VGG16",
 }
+# Backbones built by reid_keras itself (name -> display name): the identification+verification
+# paper's third backbone, CaffeNet (§III, ref. [26]).
+OWN_BACKBONES = {"caffenet": "CaffeNet"}
+BACKBONES = {**KERAS_BACKBONES, **OWN_BACKBONES}
 # Where keras.applications downloads EfficientNet weights from (applications/efficientnet.py).
 WEIGHTS_ORIGIN = "https://storage.googleapis.com/keras-applications/"
 # ResNet50 / VGG16 no-top weights: origin folder and cached file name (applications/resnet.py, vgg16.py).
@@ -71,6 +82,7 @@ BACKBONE_PREPROCESSING = {name: ("efficientnet" if name.startswith("efficientnet
 # keras.applications.efficientnet's per-channel ImageNet std, used by its weights="imagenet" stem.
 IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
 MIN_IMAGE_SIDE = 32  # keras.applications (EfficientNet, ResNet50, VGG16) refuses smaller inputs
+CAFFENET_CONVERT = "python -m reid_keras.models.caffenet convert bvlc_reference_caffenet.caffemodel"
 
 
 class WeightsUnavailableWarning(UserWarning):
@@ -119,12 +131,15 @@ def is_efficientnet(name: str) -> bool:
 
 def backbone_preprocessing(name: str) -> str:
     """The preprocessing name (`reid_keras.data.preprocessing`) backbone `name` expects:
-    "efficientnet" (0..255 in, normalised inside the model) or "caffe" (ResNet50, VGG16)."""
+    "efficientnet" (0..255 in, normalised inside the model) or "caffe" (ResNet50, VGG16, CaffeNet)."""
     return BACKBONE_PREPROCESSING[canonical_backbone_name(name)]
 
 
-def check_image_size(image_size: Sequence[int]) -> Tuple[int, int]:
-    """Validate `(height, width)`; keras.applications' EfficientNet, ResNet50 and VGG16 need both sides >= 32."""
+def check_image_size(image_size: Sequence[int], name: Optional[str] = None) -> Tuple[int, int]:
+    """Validate `(height, width)`; keras.applications' EfficientNet, ResNet50 and VGG16 need both sides >= 32,
+    CaffeNet (when `name` says so) >= `caffenet.MIN_INPUT_SIDE` (199)."""
+    if name is not None and canonical_backbone_name(name) == "caffenet":
+        return _caffenet.check_input_size(image_size)
     try:
         height, width = (int(v) for v in image_size)
         ok = all(float(v) == int(v) for v in image_size)
@@ -150,16 +165,25 @@ def keras_cache_dir() -> str:
 
 
 def weights_file_name(name: str) -> str:
-    """File name keras.applications caches the no-top ImageNet weights of backbone `name` under."""
+    """File name keras.applications caches the no-top ImageNet weights of backbone `name` under
+    (for CaffeNet: the file our converter writes there)."""
     name = canonical_backbone_name(name)
+    if name == "caffenet":
+        return _caffenet.WEIGHTS_FILE
     if name in _CAFFE_WEIGHTS:
         return _CAFFE_WEIGHTS[name][1]
     return f"{name}_notop.h5"
 
 
 def weights_origin(name: str) -> str:
-    """URL keras.applications downloads the no-top ImageNet weights of backbone `name` from."""
+    """URL keras.applications downloads the no-top ImageNet weights of backbone `name` from.
+
+    Raises:
+        ValueError: for CaffeNet, which has no download (convert the Caffe model instead).
+    """
     name = canonical_backbone_name(name)
+    if name in OWN_BACKBONES:
+        raise ValueError(f"{name} has no download URL: convert the BVLC model with `{CAFFENET_CONVERT}`")
     folder = _CAFFE_WEIGHTS[name][0] if name in _CAFFE_WEIGHTS else WEIGHTS_ORIGIN
     return folder + weights_file_name(name)
 
@@ -181,11 +205,42 @@ def host_resolves(host: str, timeout: float) -> bool:
     return bool(result and result[0])
 
 
+def _build_caffenet(include_top=False, weights=None, input_shape=None):
+    """keras.applications' constructor signature for CaffeNet (fc8 never built, weights set by the caller)."""
+    return _caffenet.build_caffenet(input_shape[:2], name="caffenet")
+
+
 def _constructor(name: str):
-    return getattr(keras.applications, BACKBONES[name])
+    if name == "caffenet":
+        return _build_caffenet
+    return getattr(keras.applications, KERAS_BACKBONES[name])
+
+
+def _build_caffenet_imagenet(shape) -> Tuple[keras.Model, WeightsInfo]:
+    cache_dir = keras_cache_dir()
+    cached = os.path.join(cache_dir, _caffenet.WEIGHTS_FILE)
+    model = _build_caffenet(input_shape=shape)
+    if not os.path.exists(cached):
+        reason = "no such file"
+    else:
+        try:
+            model.load_weights(cached)
+            return model, WeightsInfo("imagenet", "imagenet", file=cached, cache_dir=cache_dir)
+        except Exception as err:  # h5py and Keras raise several types for a damaged or mismatching file
+            reason = f"{type(err).__name__}: {err}"
+            model = _build_caffenet(input_shape=shape)  # load_weights may have set some layers
+    text = (f"ImageNet weights for caffenet are unavailable: {_caffenet.WEIGHTS_FILE} is not usable in the Keras "
+            f"cache folder {cache_dir} ({reason}), and there is no download for CaffeNet (keras.applications has "
+            "none). The backbone starts from RANDOM initialisation. To train from ImageNet, get "
+            f"bvlc_reference_caffenet.caffemodel (Caffe model zoo) and run `{CAFFENET_CONVERT}`, which writes "
+            f"{_caffenet.WEIGHTS_FILE} into {cache_dir} (or set KERAS_HOME), then run again.")
+    warnings.warn(text, WeightsUnavailableWarning, stacklevel=3)
+    return model, WeightsInfo("imagenet", "none", file=cached, cache_dir=cache_dir, warning=text)
 
 
 def _build_imagenet(name, shape, timeout) -> Tuple[keras.Model, WeightsInfo]:
+    if name == "caffenet":
+        return _build_caffenet_imagenet(shape)
     cache_dir = keras_cache_dir()
     file_name = weights_file_name(name)
     cached = os.path.join(cache_dir, file_name)
@@ -248,6 +303,16 @@ def _rebuild(source: keras.Model, shape, add_imagenet_stem: bool) -> keras.Model
     return clone
 
 
+def _copy_caffenet(source: keras.Model, shape) -> keras.Model:
+    """A fresh CaffeNet at `shape` with `source`'s weights: cloning would keep `source`'s size-dependent
+    ceil-mode pooling pads, so the weights are copied layer by layer instead."""
+    model = _build_caffenet(input_shape=shape)
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights(source.get_layer(layer.name).get_weights())
+    return model
+
+
 def _find_backbone(model: keras.Model, name: str, path: str) -> keras.Model:
     found = []
 
@@ -277,12 +342,23 @@ def _build_from_path(name, shape, path) -> Tuple[keras.Model, WeightsInfo]:
             raise ValueError(f"{path}: cannot load this .keras checkpoint with safe_mode=True "
                              f"({type(err).__name__}: {err})") from None
         source = _find_backbone(loaded, name, path)
+        if name == "caffenet":
+            return _copy_caffenet(source, shape), WeightsInfo(path, "checkpoint", file=os.path.abspath(path))
         stem = any(isinstance(layer, keras.layers.Rescaling) and isinstance(previous, keras.layers.Normalization)
                    for previous, layer in zip(source.layers, source.layers[1:]))
         return _rebuild(source, shape, add_imagenet_stem=False), WeightsInfo(
             path, "checkpoint", file=os.path.abspath(path), imagenet_stem=stem)
+    if path.endswith(".caffemodel"):
+        if name != "caffenet":
+            raise ValueError(f"weights file {path!r}: a .caffemodel is only for the caffenet backbone, not {name}")
+        model = _build_caffenet(input_shape=shape)
+        from reid_keras.models.caffe_weights import load_caffemodel
+
+        load_caffemodel(path, model)
+        return model, WeightsInfo(path, "file", file=os.path.abspath(path))
     if not path.endswith(".h5"):
-        raise ValueError(f"weights file {path!r}: expected a backbone .h5 / .weights.h5 file or a .keras checkpoint")
+        raise ValueError(f"weights file {path!r}: expected a backbone .h5 / .weights.h5 file or a .keras checkpoint"
+                         + (" or a .caffemodel" if name == "caffenet" else ""))
     model = _constructor(name)(include_top=False, weights=None, input_shape=shape)
     try:
         model.load_weights(path)
@@ -298,26 +374,27 @@ def _build_from_path(name, shape, path) -> Tuple[keras.Model, WeightsInfo]:
 
 def build_backbone(name: str = "efficientnetb0", image_size: Sequence[int] = (160, 80), weights=None,
                    download_timeout: float = 10.0) -> Tuple[keras.Model, WeightsInfo]:
-    """Build a keras.applications EfficientNet, ResNet50 or VGG16 without top (spatial feature map output).
+    """Build a keras.applications EfficientNet, ResNet50 or VGG16 without top, or CaffeNet without fc8
+    (spatial feature map output).
 
     Args:
-        name: "efficientnetb0" … "efficientnetb5" (also accepts "b0", "EfficientNetB0"), "resnet50"
-            or "vgg16".
+        name: "efficientnetb0" … "efficientnetb5" (also accepts "b0", "EfficientNetB0"), "resnet50",
+            "vgg16" or "caffenet".
         image_size: `(height, width)` of the input; the EfficientNet paper uses (160, 80), the
-            identification+verification paper (224, 224).
+            identification+verification paper (224, 224), (227, 227) for CaffeNet (>= 199 needed).
         weights: "imagenet", None / "none", or a path (see the module docstring for each case).
         download_timeout: seconds for the DNS check and each socket operation of the download.
 
     Returns:
         `(backbone, WeightsInfo)`. The backbone is named after `name` (Keras derives the cache file
-        name from it). EfficientNets take float32 RGB pixels in 0..255; ResNet50 and VGG16 take
-        "caffe"-preprocessed pixels (`backbone_preprocessing(name)`), applied outside the model.
+        name from it). EfficientNets take float32 RGB pixels in 0..255; ResNet50, VGG16 and CaffeNet
+        take "caffe"-preprocessed pixels (`backbone_preprocessing(name)`), applied outside the model.
 
     Raises:
         ValueError: unknown backbone, bad image size, missing or unloadable weights file.
     """
     name = canonical_backbone_name(name)
-    height, width = check_image_size(image_size)
+    height, width = check_image_size(image_size, name)
     shape = (height, width, 3)
     if weights is None or (isinstance(weights, str) and weights.strip().lower() in ("none", "")):
         return _constructor(name)(include_top=False, weights=None, input_shape=shape), WeightsInfo("none", "none")
@@ -327,5 +404,6 @@ def build_backbone(name: str = "efficientnetb0", image_size: Sequence[int] = (16
     path = os.path.expanduser(weights)
     if not os.path.isfile(path):
         raise ValueError(f"--weights {weights!r}: no such file; expected imagenet, none, or the path of a "
-                         ".h5 / .weights.h5 backbone weights file or a .keras checkpoint")
+                         ".h5 / .weights.h5 backbone weights file or a .keras checkpoint (or, for caffenet, "
+                         "a .caffemodel)")
     return _build_from_path(name, shape, path)
