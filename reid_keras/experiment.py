@@ -28,6 +28,7 @@ import numpy as np
 
 SPLIT_OPTION = "split_index"
 SMOKE_SPLITS = 2
+SMOKE_IMAGE_SIZE = (64, 32)
 
 
 def load_experiment(path: str) -> dict:
@@ -72,8 +73,19 @@ def train_argv(spec: dict, run: dict, data_root: str | None, output: str, smoke:
         argv += [f"--{flag}", str(value)]
     if smoke:  # CI: a few steps on synthetic data, to prove the plumbing
         argv += ["--weights", "none", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4",
-                 "--image-size", "64x32", "--synthetic-ids", "12"]
+                 "--image-size", smoke_image_size(run["model"]), "--synthetic-ids", "12"]
     return argv
+
+
+def smoke_image_size(model: str) -> str:
+    """64x32, or the preset's own quick-recipe size when its backbone needs more (CaffeNet: 227x227)."""
+    from reid_keras.models.presets import get_preset
+
+    try:
+        height, width = get_preset(model)["recipes"]["default"].get("image_size", SMOKE_IMAGE_SIZE)
+    except (ValueError, KeyError):  # an unknown preset is reported by the trainer itself
+        height, width = SMOKE_IMAGE_SIZE
+    return f"{max(height, SMOKE_IMAGE_SIZE[0])}x{max(width, SMOKE_IMAGE_SIZE[1])}"
 
 
 def run_label(run: dict) -> str:

@@ -47,13 +47,18 @@ def test_resolved_configs_follow_the_paper_and_the_flags():
               for run in _spec("idver_table2_market1501")["runs"]}
     expected = {"resnet50_verif": ("resnet50", "verif", 75), "resnet50_id": ("resnet50", "id", 75),
                 "resnet50_idver": ("resnet50", "id+verif", 75), "vgg16_verif": ("vgg16", "verif", 65),
-                "vgg16_id": ("vgg16", "id", 65), "vgg16_idver": ("vgg16", "id+verif", 65)}
+                "vgg16_id": ("vgg16", "id", 65), "vgg16_idver": ("vgg16", "id+verif", 65),
+                "caffenet_verif": ("caffenet", "verif", 155), "caffenet_id": ("caffenet", "id", 155),
+                "caffenet_idver": ("caffenet", "id+verif", 155)}
+    assert set(table2) == {f"idver-market1501-{short}" for short in expected}
     for short, (backbone, losses, epochs) in expected.items():
         c = table2[f"idver-market1501-{short}"]
         assert (c["backbone"], c["losses"], c["epochs"]) == (backbone, losses, epochs), short
-        assert (c["dataset"], c["recipe"], c["weights"], c["image_size"]) == ("market1501", "paper", "imagenet",
-                                                                                (224, 224))
-        assert c["verif_loss"] == "crossentropy" and c["batch_size"] == 48 and c["learning_rate"] == 1e-3
+        # §III-F: 224x224 crops and 48 pairs; CaffeNet 227x227 crops of 256x256 and 128 pairs
+        size, batch = ((227, 227), 128) if backbone == "caffenet" else ((224, 224), 48)
+        assert (c["dataset"], c["recipe"], c["weights"], c["image_size"]) == ("market1501", "paper", "imagenet", size)
+        assert c["crop_scale"] == pytest.approx(256 / size[0])
+        assert c["verif_loss"] == "crossentropy" and c["batch_size"] == batch and c["learning_rate"] == 1e-3
     spec = _spec("idver_contrastive")
     contrastive = {run["name"]: _resolved(spec, run) for run in spec["runs"]}
     assert contrastive["idver-market1501-resnet50_idver_contrastive"]["verif_loss"] == "contrastive"
@@ -65,8 +70,10 @@ def test_resolved_configs_follow_the_paper_and_the_flags():
         for i, training in enumerate(trainings):
             assert _resolved(cuhk, training)["dataset_options"] == {"protocol": "classic", "box_type": "detected",
                                                                     "split_index": i}
-    smoke = _resolved(cuhk, cuhk["runs"][0], smoke=True)  # smoke flags come last and win
+    smoke = _resolved(cuhk, cuhk["runs"][-1], smoke=True)  # smoke flags come last and win
     assert smoke["weights"] == "none" and smoke["image_size"] == (64, 32) and smoke["steps_per_epoch"] == 2
+    caffenet = _resolved(cuhk, cuhk["runs"][0], smoke=True)  # CaffeNet's fc6 needs 227 pixels a side
+    assert caffenet["backbone"] == "caffenet" and caffenet["image_size"] == (227, 227)
 
 
 def test_runs_shared_between_files_are_the_same_training():
@@ -89,16 +96,22 @@ def test_paper_numbers_against_the_tables():
     # Transcribed again here from identification_verification_embedding.txt (rank-1, mAP).
     table2 = {"idver-market1501-resnet50_verif": (64.58, 44.94), "idver-market1501-resnet50_id": (73.69, 51.48),
               "idver-market1501-resnet50_idver": (79.51, 59.87), "idver-market1501-vgg16_verif": (42.99, 24.29),
-              "idver-market1501-vgg16_id": (65.02, 38.27), "idver-market1501-vgg16_idver": (70.16, 47.45)}
+              "idver-market1501-vgg16_id": (65.02, 38.27), "idver-market1501-vgg16_idver": (70.16, 47.45),
+              "idver-market1501-caffenet_verif": (41.24, 22.47), "idver-market1501-caffenet_id": (50.89, 26.79),
+              "idver-market1501-caffenet_idver": (62.14, 39.61)}
     runs = {r["name"]: r for r in _spec("idver_table2_market1501")["runs"]}
     assert {n: (r["paper"]["rank1"], r["paper"]["mAP"]) for n, r in runs.items()} == table2
     mq = {r["name"]: r["paper_multi_query"] for r in _spec("idver_market1501_protocols")["runs"]}
     assert mq["idver-market1501-resnet50_idver"] == {"rank1": 85.84, "mAP": 70.33}
     assert mq["idver-market1501-vgg16_id"] == {"rank1": 74.14, "mAP": 52.25}
+    assert mq["idver-market1501-caffenet_idver"] == {"rank1": 72.21, "mAP": 49.62}
     cuhk = {r["name"]: r for r in _spec("idver_cuhk03")["runs"]}
     best = cuhk["idver-cuhk03-resnet50_idver"]
     assert best["paper"] == {"rank1": 83.4, "rank5": 97.1, "rank10": 98.7, "mAP": 86.4}           # Table IV
     assert best["paper_multi_shot"] == {"rank1": 88.3, "rank5": 95.7, "rank10": 97.8, "mAP": 85.0}  # Table V
+    caffenet = cuhk["idver-cuhk03-caffenet_id"]
+    assert caffenet["paper"] == {"rank1": 35.8, "rank5": 65.3, "rank10": 77.96, "mAP": 42.6}
+    assert caffenet["paper_multi_shot"] == {"rank1": 43.3, "rank5": 63.5, "rank10": 76.8, "mAP": 37.2}
     curve = {r["name"]: r["paper_gallery_curve"] for r in _spec("idver_distractors")["runs"]}
     ours = curve["idver-market1501-resnet50_idver"]
     # keyed by distractors added: the paper's galleries of 19,732 + 0 / 100k / 200k / 500k

@@ -6,8 +6,9 @@
                                       f1, f2 ─ SquareLayer (f1−f2)² ─ Dropout ─ Dense(2) ─ verification
 
 `embedding` is one sub-model applied to both images (shared weights): a keras.applications
-ResNet50 or VGG16 without top and global average pooling (ResNet-50: the 2048-d pool5 vector,
-which is also the test-time descriptor, ranked by cosine, §III-F "Testing"). Inputs are "caffe"
+ResNet50 or VGG16, or our CaffeNet (`models/caffenet.py`), without top and global average pooling
+(ResNet-50: the 2048-d pool5 vector; CaffeNet: the 4,096-d fc7, a 1×1 map; it is also the test-time
+descriptor, ranked by cosine, §III-F "Testing"). Inputs are "caffe"
 preprocessed pixels (`reid_keras.data.preprocessing`), applied by the pipelines. The paper's
 "1×1 convolution" heads on a 1×1×C feature are Dense layers here. Class order of the
 verification head is (different, same), index 1 = same, as in `models/siamese.py`.
@@ -130,7 +131,7 @@ def build_idver(num_ids: int, backbone: str = "resnet50", image_size: Sequence[i
 
     Args:
         num_ids: training identities K (width of the shared identification layer).
-        backbone: "resnet50" or "vgg16" (any `backbones.BACKBONES` name works).
+        backbone: "resnet50", "vgg16" or "caffenet" (any `backbones.BACKBONES` name works).
         image_size: `(height, width)`; the paper crops 224×224.
         weights: "imagenet", None / "none", or a path (see `backbones.build_backbone`).
         losses: "id+verif", "id" or "verif" (Table II's I+V, I, V).

@@ -3,10 +3,11 @@
 `siamese_b0` … `siamese_b5` follow efficientnet_siamese_cuhk01.txt §III.B–C: 160×80 inputs,
 RMSprop with learning rate 1e-4, batch 48, 18 epochs, horizontal flip / zoom / width-shift
 augmentation to balance positive and negative pairs (1:1), 2-way softmax verification loss.
-`resnet50_idver`, `resnet50_id`, `resnet50_verif` and `vgg16_idver` follow
-identification_verification_embedding.txt §III-F: 224×224 random crops of 256×256 images with
-mirroring, SGD (lr 0.001, 0.0001 for the final 5 epochs), batch 48 pairs, 75 (ResNet-50) / 65
-(VGG16) epochs, negatives:positives growing from 1:1 by ×1.01 per epoch up to 4:1.
+`resnet50_idver`, `resnet50_id`, `resnet50_verif`, `vgg16_idver` and `caffenet_idver` follow
+identification_verification_embedding.txt §III-F: 224×224 (CaffeNet: 227×227) random crops of
+256×256 images with mirroring, SGD (lr 0.001, 0.0001 for the final 5 epochs), batch 48 (CaffeNet:
+128) pairs, 75 (ResNet-50) / 65 (VGG16) / 155 (CaffeNet) epochs, negatives:positives growing from
+1:1 by ×1.01 per epoch up to 4:1.
 Values the paper leaves open are marked below with where they come from.
 """
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _idver(backbone: str, losses: str, epochs: int) -> dict:
         "contrastive_margin": 1.0,       # not in the paper; on L2-normalised features (distances in 0..2)
         "label_smoothing": 0.0,          # not in the paper (plain cross-entropy, Eq. 2)
         "loss_weights": {"id_a": 0.5, "id_b": 0.5, "verification": 1.0},  # §III-F
-        "image_size": (224, 224),        # §III-F random 224x224 crops for ResNet-50 / VGG16
+        "image_size": (224, 224),        # §III-F random 224x224 crops for ResNet-50 / VGG16 (CaffeNet 227)
         # "square": the paper's 256x256 resize + 224x224 crop; "person": 256x128 crops from a
         # 293x146 resize (same crop_scale), the pedestrian-shaped input later re-ID work uses.
         "input_shape": "square",
@@ -86,11 +87,21 @@ def _idver(backbone: str, losses: str, epochs: int) -> dict:
         "lr_drop_epochs": 5,             # §III-F 0.0001 for the final 5 epochs
         "lr_drop_factor": 0.1,
         "batch_size": 48,                # §III-F, pairs
-        "epochs": epochs,                # §III-F: 75 for ResNet-50, 65 for VGG16
+        "epochs": epochs,                # §III-F: 75 for ResNet-50, 65 for VGG16, 155 for CaffeNet
         "pair_ratio": "idver",           # §III-F negatives:positives 1:1, x1.01 per epoch up to 4:1
         "pairs_per_epoch": None,         # §III-F one pair per (shuffled) training image
         "recipes": {"default": IDVER_DEFAULT_RECIPE, "paper": {}},
     }
+
+
+def _caffenet_idver() -> dict:
+    """§III-F for CaffeNet: 227x227 crops of 256x256, 128 pairs per batch, 155 epochs; its embedding is the
+    4,096-d fc7 (models/caffenet.py builds fc6/fc7 as convolutions, so the global pooling keeps it)."""
+    preset = _idver("caffenet", "id+verif", 155)
+    preset.update(image_size=(227, 227), crop_scale=256 / 227, batch_size=128)
+    # CaffeNet needs >= 199 pixels a side (fc6 is a 6x6 window over pool5), so the quick recipe keeps 227x227.
+    preset["recipes"] = {"default": dict(IDVER_DEFAULT_RECIPE, image_size=(227, 227)), "paper": {}}
+    return preset
 
 
 PRESETS.update({
@@ -98,6 +109,7 @@ PRESETS.update({
     "resnet50_id": _idver("resnet50", "id", 75),
     "resnet50_verif": _idver("resnet50", "verif", 75),
     "vgg16_idver": _idver("vgg16", "id+verif", 65),
+    "caffenet_idver": _caffenet_idver(),
 })
 
 
