@@ -11,8 +11,9 @@ where F is the feature map of the chosen layer for the image resized and normali
 training pipeline does it (`data.pipelines.decode_image`, bilinear resize, `data.preprocessing`).
 Default layers: ResNet-50 `conv4_block6_out`; EfficientNet `block6a_expand_activation` (the last
 stride-16 activation, present in B0...B5, before block6a's stride-2 depthwise convolution); VGG16
-`block5_conv3` (14x14 at 224x224, like res4fx). `active_fraction` is the share of feature-map
-units > 0, the number behind the paper's "our model activates more neurons".
+`block5_conv3` (14x14 at 224x224, like res4fx); CaffeNet `relu5` (conv5's activations, 13x13 at
+227x227). `active_fraction` is the share of feature-map units > 0, the number behind the paper's
+"our model activates more neurons".
 
     python -m reid_keras.visualize activations --model runs/i/best.keras runs/v/best.keras \
         runs/iv/best.keras --labels I V I+V --dataset market1501 --data-root data/market \
@@ -31,7 +32,7 @@ from reid_keras.io_utils import atomic_write
 
 # (layer name, backbone) in the order they are tried when no layer is given.
 DEFAULT_LAYERS = (("conv4_block6_out", "ResNet-50"), ("block6a_expand_activation", "EfficientNet"),
-                  ("block5_conv3", "VGG16"))
+                  ("block5_conv3", "VGG16"), ("relu5", "CaffeNet"))
 # The paper's Caffe layer names -> Keras' (Caffe ResNet-50 "res4f" is the 6th conv4 block).
 LAYER_ALIASES = {"res4fx": "conv4_block6_out", "res4f": "conv4_block6_out", "res5c": "conv5_block3_out"}
 PANEL_HEIGHT = 2.0  # inches per image row (dpi 100), see `figure_size`

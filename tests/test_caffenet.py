@@ -438,3 +438,10 @@ def test_python_m_entry_point_reports_errors_without_traceback(tmp_path):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and f"error: {garbage}: not a binary .caffemodel" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_activation_maps_default_to_conv5():
+    from reid_keras.activation_maps import default_layer
+
+    net = BUILD(PAPER_SIZE, width=THIN)
+    assert default_layer(net) == "relu5" and tuple(net.get_layer("relu5").output.shape[1:3]) == (13, 13)
