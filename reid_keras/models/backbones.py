@@ -138,17 +138,21 @@ def backbone_preprocessing(name: str) -> str:
 def check_image_size(image_size: Sequence[int], name: Optional[str] = None) -> Tuple[int, int]:
     """Validate `(height, width)`; keras.applications' EfficientNet, ResNet50 and VGG16 need both sides >= 32,
     CaffeNet (when `name` says so) >= `caffenet.MIN_INPUT_SIDE` (199)."""
-    if name is not None and canonical_backbone_name(name) == "caffenet":
-        return _caffenet.check_input_size(image_size)
+    caffenet = name is not None and canonical_backbone_name(name) == "caffenet"
+    minimum = _caffenet.MIN_INPUT_SIDE if caffenet else MIN_IMAGE_SIDE
     try:
         height, width = (int(v) for v in image_size)
         ok = all(float(v) == int(v) for v in image_size)
     except (TypeError, ValueError):
         ok = False
-    if not ok or min(height, width) < MIN_IMAGE_SIDE:
-        raise ValueError(f"bad image_size {image_size!r}: expected (height, width), two integers >= "
-                         f"{MIN_IMAGE_SIDE}, e.g. (160, 80) as in the paper")
-    return height, width
+    if ok and min(height, width) >= minimum:
+        return height, width
+    if caffenet:
+        raise ValueError(f"bad image_size {image_size!r} for CaffeNet: expected (height, width), two integers "
+                         f">= {minimum} (fc6 is a 6×6 valid convolution over pool5, which needs "
+                         f">= {minimum} pixels), e.g. (227, 227) as in the paper")
+    raise ValueError(f"bad image_size {image_size!r}: expected (height, width), two integers >= "
+                     f"{MIN_IMAGE_SIDE}, e.g. (160, 80) as in the paper")
 
 
 def keras_cache_dir() -> str:

@@ -69,17 +69,10 @@ MIN_INPUT_SIDE = next(side for side in range(11, 1000) if feature_sizes(side)["f
 
 
 def check_input_size(image_size: Sequence[int]) -> Tuple[int, int]:
-    """Validate `(height, width)` for CaffeNet: two integers >= MIN_INPUT_SIDE."""
-    try:
-        height, width = (int(v) for v in image_size)
-        ok = all(float(v) == int(v) for v in image_size)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok or min(height, width) < MIN_INPUT_SIDE:
-        raise ValueError(f"bad image_size {image_size!r} for CaffeNet: expected (height, width), two integers "
-                         f">= {MIN_INPUT_SIDE} (fc6 is a 6×6 valid convolution over pool5, which needs "
-                         f">= {MIN_INPUT_SIDE} pixels), e.g. (227, 227) as in the paper")
-    return height, width
+    """Validate `(height, width)` for CaffeNet: two integers >= MIN_INPUT_SIDE (`backbones.check_image_size`)."""
+    from reid_keras.models.backbones import check_image_size  # backbones imports this module
+
+    return check_image_size(image_size, "caffenet")
 
 
 @keras.saving.register_keras_serializable(package="reid_keras")
