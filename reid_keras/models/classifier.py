@@ -249,6 +249,20 @@ _CPU_RECIPE = {"image_size": (64, 32), "batch_size": 32, "epochs": 4, "steps_per
                "optimizer": "adam", "learning_rate": 1e-3, "lr_schedule": None, "weight_decay": None,
                "augment": {"flip": True, "crop": (72, 36)}}
 
+# Open-ReID's training recipe (examples/softmax_loss.py, oim_loss.py), shared by the softmax and OIM presets.
+_OPEN_REID_RECIPE = {
+    "sampler": "random", "batch_size": 256,
+    # SGD, Nesterov momentum 0.9, weight decay 5e-4, 50 epochs, lr x0.1 after epoch 40. Open-ReID
+    # uses 0.1 for new layers and 0.01 for the backbone; Keras has one rate: the backbone's.
+    "optimizer": "sgd", "learning_rate": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "epochs": 50,
+    # An "epoch" is 50 steps (one pass of Market-1501's 12,936 images at 256), so the decay at epoch
+    # 40 is iteration 2,000 whatever the dataset.
+    "steps_per_epoch": 50, "lr_schedule": {"type": "step", "boundaries": [2000], "factor": 0.1},
+    # Open-ReID: RandomSizedRectCrop + flip; approximated by resize to 288x144 + random 256x128 crop.
+    "augment": {"flip": True, "crop": (288, 144)},
+    "recipes": {"default": _CPU_RECIPE, "paper": {}},
+}
+
 CLASSIFIER_PRESETS = {
     # OIM paper §5.3 Table 3, "ResNet-50 Softmax" (the paper points to Open-ReID for the recipe;
     # values from Open-ReID examples/softmax_loss.py unless marked).
@@ -260,16 +274,7 @@ CLASSIFIER_PRESETS = {
         "losses": "id",
         "feature_dim": 128,          # Open-ReID --features 128 (Dense + BN; Open-ReID adds a ReLU)
         "pooling": "avg", "dropout": 0.5, "bnneck": False, "label_smoothing": 0.0,
-        "sampler": "random", "batch_size": 256,
-        # SGD, Nesterov momentum 0.9, weight decay 5e-4, 50 epochs, lr x0.1 after epoch 40. Open-ReID
-        # uses 0.1 for new layers and 0.01 for the backbone; Keras has one rate: the backbone's.
-        "optimizer": "sgd", "learning_rate": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "epochs": 50,
-        # An "epoch" is 50 steps (one pass of Market-1501's 12,936 images at 256), so the decay at epoch
-        # 40 is iteration 2,000 whatever the dataset.
-        "steps_per_epoch": 50, "lr_schedule": {"type": "step", "boundaries": [2000], "factor": 0.1},
-        # Open-ReID: RandomSizedRectCrop + flip; approximated by resize to 288x144 + random 256x128 crop.
-        "augment": {"flip": True, "crop": (288, 144)},
-        "recipes": {"default": dict(_CPU_RECIPE), "paper": {}},
+        **_OPEN_REID_RECIPE,
     },
     # OIM paper §5.3 Table 3, "ResNet-50 OIM": the same Open-ReID recipe (examples/oim_loss.py) with the
     # OIM loss on the L2-normalised 256-d projection (§3.1, Table 4's choice), τ = 0.1 (§3.2; Open-ReID
@@ -281,11 +286,7 @@ CLASSIFIER_PRESETS = {
         "preprocessing": "resnet50",
         "losses": "oim", "oim_temperature": 0.1, "oim_scale": None, "oim_momentum": 0.5,
         "feature_dim": 256, "pooling": "avg",
-        "sampler": "random", "batch_size": 256,
-        "optimizer": "sgd", "learning_rate": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "epochs": 50,
-        "steps_per_epoch": 50, "lr_schedule": {"type": "step", "boundaries": [2000], "factor": 0.1},
-        "augment": {"flip": True, "crop": (288, 144)},
-        "recipes": {"default": dict(_CPU_RECIPE), "paper": {}},
+        **_OPEN_REID_RECIPE,
     },
     # Hermans et al. 2017 ("In Defense of the Triplet Loss", the slides' triplet loss): batch-hard
     # triplet loss on P=18 x K=4 batches, Adam 3e-4 decayed from iteration 15,000 to 0.001x at
