@@ -6,7 +6,10 @@ the final `os.replace` / `os.rename` is atomic) and renamed into place only when
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -91,6 +94,45 @@ def atomic_write_json(path: str, obj, indent: Optional[int] = 2, sort_keys: bool
     """
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=default, allow_nan=allow_nan)
     return atomic_write_text(path, text + "\n")
+
+
+def jsonable(value):
+    """`value` with numpy scalars / arrays as Python numbers / lists, tuples as lists, NaN and inf as None."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy arrays and scalars
+        return jsonable(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value
+
+
+def write_json(path: str, obj, sort_keys: bool = True) -> str:
+    """The JSON writer of run files (config.json, metrics.json, state.json, ...), atomically.
+
+    numpy values become numbers, NaN / inf become null (strict JSON readers reject NaN), and what
+    JSON lacks (paths, dtypes) is written as its string.
+    """
+    return atomic_write_json(path, jsonable(obj), sort_keys=sort_keys, default=str, allow_nan=False)
+
+
+def append_csv_row(path: str, row: dict, fields=()) -> str:
+    """Append `row` to the CSV at `path` atomically (rewrite + replace); the header starts with `fields`
+    (or the file's own header) and widens for keys it does not have yet."""
+    rows, header = [], list(fields)
+    if os.path.isfile(path):
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            header = list(reader.fieldnames or fields)
+            rows = list(reader)
+    header += [k for k in row if k not in header]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows + [row])
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def atomic_save_keras(model, path: str) -> str:
