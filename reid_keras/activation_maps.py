@@ -177,7 +177,7 @@ def load_activation_model(path: str, layer: Optional[str] = None,
 
     if not os.path.isfile(path) or not path.endswith(".keras"):
         what = "does not exist" if not os.path.exists(path) else "is not a .keras file"
-        raise ModelLoadError(f"--model {path!r} {what}: expected a .keras file saved by python -m reid_keras.train")
+        raise ModelLoadError(f"model {path!r} {what}: expected a .keras file saved by python -m reid_keras.train")
     broken = _register_package_layers()
     try:
         model = keras.saving.load_model(path, safe_mode=True, compile=False)
@@ -307,38 +307,16 @@ def save_maps(result: dict, labels: Sequence[str], path: str) -> str:
     return atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
 
 
-def dataset_images(name: str, root: str, num_images: int, split: str = "query", seed: int = 0,
-                   options: Optional[dict] = None) -> list:
-    """Paths of `num_images` images of distinct identities from a dataset split, seeded.
-
-    Distractors (id 0) and junk (-1) are left out of query / gallery; train ids are labels 0..N-1.
-    """
-    from reid_keras.data.datasets import load_dataset
-
-    if int(num_images) < 1:
-        raise ActivationMapError(f"--num-images {num_images}: expected a positive integer")
-    records = getattr(load_dataset(name, root, **(options or {})), split)
-    by_id = {}
-    for record in sorted(records):
-        if record.pid > 0 or (split == "train" and record.pid == 0):
-            by_id.setdefault(record.pid, record.path)
-    if len(by_id) < num_images:
-        raise ActivationMapError(f"--num-images {num_images}: the {split} split of {name} at {root} has only "
-                                 f"{len(by_id)} identities")
-    ids = np.random.default_rng(seed).choice(sorted(by_id), num_images, replace=False)
-    return [by_id[int(pid)] for pid in sorted(ids)]
-
-
 def run(model_paths: Sequence[str], image_paths: Sequence[str], out: str, labels: Optional[Sequence[str]] = None,
         layer: Optional[str] = None, preprocessing: Optional[str] = None, npz: Optional[str] = None) -> dict:
     """Load each model, compute the maps, write the figure `out` (and `npz`); returns the result dict."""
     labels = list(labels) if labels else [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in model_paths]
     if len(labels) != len(model_paths):
-        raise ActivationMapError(f"--labels: {len(labels)} labels ({' '.join(labels)}) for {len(model_paths)} "
-                                 "models; give one label per --model")
+        raise ActivationMapError(f"labels: {len(labels)} labels ({' '.join(labels)}) for {len(model_paths)} "
+                                 "models; give one label per model")
     missing = [p for p in model_paths if not os.path.exists(p)]
     if missing:
-        raise ActivationMapError(f"--model {missing[0]!r} does not exist: expected a .keras file")
+        raise ActivationMapError(f"model {missing[0]!r} does not exist: expected a .keras file")
     for p in image_paths:  # fail before loading any model
         check_image(p)
     models = [load_activation_model(p, layer, preprocessing) for p in model_paths]
@@ -351,17 +329,3 @@ def run(model_paths: Sequence[str], image_paths: Sequence[str], out: str, labels
     if npz:
         result["npz"] = save_maps(result, labels, npz)
     return result
-
-
-def main_from_args(args) -> str:
-    """`python -m reid_keras.visualize activations` (parsed there); returns the figure path."""
-    from reid_keras.data.datasets import parse_options
-
-    if args.images:
-        images = args.images
-    else:
-        if not args.data_root:
-            raise ActivationMapError("--dataset needs --data-root (the unpacked dataset folder or its parent)")
-        images = dataset_images(args.dataset, args.data_root, args.num_images, args.split, args.seed,
-                                parse_options(args.dataset_option))
-    return run(args.model, images, args.out, args.labels, args.layer, args.preprocess, args.npz)["figure"]

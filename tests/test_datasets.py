@@ -182,8 +182,9 @@ def test_market_gt_bbox_becomes_multi_query_records(tmp_path):
     layouts.write_image(os.path.join(gt, "0009_c7s1_000108_00.jpg"))  # camera 7 in Market
     ds = load_dataset("market1501", str(tmp_path))
     expected = sorted((n, int(n.split("_")[0]), int(n.split("_")[1][1]) - 1) for n, keep in names.items() if keep)
-    assert rows(ds.multi_query) == expected
-    assert all(os.path.isabs(r.path) and os.path.dirname(r.path) == gt for r in ds.multi_query)
+    multi_query = ds.protocol("multi_query").records
+    assert rows(multi_query) == expected
+    assert all(os.path.isabs(r.path) and os.path.dirname(r.path) == gt for r in multi_query)
     assert ds.info["gt_bbox images read"] == 8
     assert ds.info["gt_bbox images kept for multi-query (query ids and cameras)"] == 4
     assert ds.info["queries with no gt_bbox image of their id and camera"] == 1  # (9, c2)
@@ -195,13 +196,13 @@ def test_market_gt_bbox_becomes_multi_query_records(tmp_path):
     shutil.rmtree(gt)
     os.makedirs(gt)  # present but empty: still no error, the protocol is just off
     empty = load_dataset("market1501", str(tmp_path))
-    assert empty.multi_query == [] and "no usable images" in empty.info["gt_bbox"]
+    assert empty.protocol("multi_query") is None and "no usable images" in empty.info["gt_bbox"]
 
 
 def test_market_without_gt_bbox_has_no_multi_query(tmp_path):
     layouts.make_market(str(tmp_path))
     ds = load_dataset("market1501", str(tmp_path))
-    assert ds.multi_query == [] and ds.skipped.total == 0
+    assert ds.protocol("multi_query") is None and ds.skipped.total == 0
     assert [k for k in ds.info if "gt_bbox" in k] == ["gt_bbox"] and "no gt_bbox/ folder" in ds.info["gt_bbox"]
 
 
@@ -215,7 +216,7 @@ def test_dukemtmc(tmp_path):
     assert rows(ds.query) == manifest["query"] and rows(ds.gallery) == manifest["bounding_box_test"]
     assert max(r.camid for r in ds.train) == 7  # camera 8
     assert 40 in {r.pid for r in ds.gallery} - {r.pid for r in ds.query}  # single-camera id kept
-    assert ds.multi_query == [] and not [k for k in ds.info if "gt_bbox" in k]  # Market only
+    assert ds.protocols == () and not [k for k in ds.info if "gt_bbox" in k]  # Market only
     with pytest.raises(DatasetLayoutError, match="bounding_box_train"):
         load_dataset("dukemtmc", str(tmp_path / "DukeMTMC-reID" / "query"))
 
@@ -283,6 +284,8 @@ def test_cuhk01_paper871_views(tmp_path):
     assert not [f for f in os.listdir(folder) if f.endswith(".json")]  # deterministic: no split file
     flipped = load_dataset("cuhk01", folder, direction="B->A")
     assert rows(flipped.query) == rows(ds.gallery)
+    assert ds.protocol("cuhk01_trials").options == {"direction": "A->B"}  # PROTOCOLS.md (c) trials
+    assert flipped.protocol("cuhk01_trials").options == flipped.options == {"direction": "B->A"}
 
 
 def test_cuhk01_half_split_file_written_once_and_reused(tmp_path):
@@ -366,6 +369,7 @@ def test_cuhk03_cache_reuse_split_index_and_errors(cuhk03_tree, tmp_path, monkey
     cache = root / "cuhk03_release" / "images_labeled"
     assert first.info["cache_dir"] == str(cache)
     assert {r.pid for r in first.query} == {p * 1000 + q for p, q in layouts.CUHK03_TESTSETS[1]}
+    assert [(p.name, p.options) for p in first.protocols] == [("cuhk03_classic", {"split_index": 1})]
     # Decoded once: with the .mat file now garbage, the cache still serves every image.
     (root / "cuhk03_release" / "cuhk-03.mat").write_bytes(b"not hdf5")
     again = load_dataset("cuhk03", str(root / "cuhk03_release"), split_index=1)
@@ -394,6 +398,7 @@ def test_cuhk03_new_protocol(cuhk03_tree, tmp_path):
         train_src = manifest["train"]
         assert [r[1] for r in rows(ds.train)] == dense([p for _, p, _ in train_src])
         assert ds.info["protocol"] == "new (767/700)" and ds.info["box_type"] == box_type
+        assert ds.protocols == ()  # the new protocol is PROTOCOLS.md (a) only
     bare = tmp_path / "bare"
     shutil.copytree(os.path.join(base, "cuhk03_release"), bare / "cuhk03_release",
                     ignore=shutil.ignore_patterns("images_*"))

@@ -1,12 +1,14 @@
-"""Market-1501 multi-query (DATASETS.md §1): pooling, and `reid_keras.evaluate` end to end on a
-tiny synthetic Market with gt_bbox/, checked against a numpy loop and a plain argsort ranking."""
+"""Market-1501 multi-query (DATASETS.md §1): pooling, and `evaluate_model` end to end on a tiny
+synthetic Market with gt_bbox/, checked against a numpy loop and a plain argsort ranking."""
 import os
 
 import numpy as np
 import pytest
 
-from reid_keras import evaluate
 from reid_keras.metrics import pool_multi_query
+from reid_keras.metrics.evaluation import evaluate_model
+from reid_keras.metrics.options import EvaluationOptions
+from reid_keras.metrics.report import format_table
 
 IMAGE_SIZE = (32, 16)
 
@@ -123,11 +125,13 @@ def market(tmp_path_factory):
     return {"base": base, "root": root, "model": model, "dataset": dataset, "removed": len(gone)}
 
 
-def _run(market, out, *flags):
-    args = evaluate.build_parser().parse_args(
-        ["--model", str(market["base"] / "model.keras"), "--dataset", "market1501", "--data-root",
-         str(market["base"]), "--out", out, "--no-plots", "--batch-size", "32", *flags])
-    return evaluate.run(market["model"], market["dataset"], out, args, IMAGE_SIZE)
+def _run(market, out, multi_query="mean"):
+    options = EvaluationOptions(plots=False, batch_size=32, multi_query=multi_query)
+    return evaluate_model(market["model"], market["dataset"], out, options, IMAGE_SIZE)
+
+
+def _pool(dataset):
+    return list(dataset.protocol("multi_query").records)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +139,8 @@ def features(market):
     from reid_keras.metrics.features import extract_features
 
     ds = market["dataset"]
-    return {split: extract_features(market["model"], getattr(ds, split), batch_size=16, image_size=IMAGE_SIZE,
+    records = {"query": ds.query, "gallery": ds.gallery, "multi_query": _pool(ds)}
+    return {split: extract_features(market["model"], records[split], batch_size=16, image_size=IMAGE_SIZE,
                                     verbose=False) for split in ("query", "gallery", "multi_query")}
 
 
@@ -143,14 +148,13 @@ def features(market):
 def test_evaluate_reports_multi_query(market, features, tmp_path_factory, method):
     ds = market["dataset"]
     out = str(tmp_path_factory.mktemp(f"out_{method}"))
-    flags = [] if method == "mean" else ["--multi-query", "max"]
-    metrics = _run(market, out, *flags)
+    metrics = _run(market, out, method)
     mq = metrics["multi_query"]
     assert sorted(mq) == ["mean_std", "name", "pool_images", "pooling", "queries_without_pool_images"]
     assert mq["name"] == (f"Market-1501 multi-query (DATASETS.md §1), {method} pooling of gt_bbox features "
                           "per query id and camera")
-    assert mq["pooling"] == method and mq["pool_images"] == len(ds.multi_query)
-    assert len(os.listdir(market["root"] / "gt_bbox")) == len(ds.multi_query) and market["removed"] >= 1
+    assert mq["pooling"] == method and mq["pool_images"] == len(_pool(ds))
+    assert len(os.listdir(market["root"] / "gt_bbox")) == len(_pool(ds)) and market["removed"] >= 1
     assert mq["queries_without_pool_images"] == 1
 
     q, g, pool = features["query"], features["gallery"], features["multi_query"]
@@ -172,26 +176,29 @@ def test_evaluate_reports_multi_query(market, features, tmp_path_factory, method
 
     cache = os.path.join(out, "features_multi_query.npz")
     stamp = os.stat(cache).st_mtime_ns
-    again = _run(market, out, *flags)
+    again = _run(market, out, method)
     assert os.stat(cache).st_mtime_ns == stamp and again["multi_query"] == mq  # reused
     import json
 
     with open(os.path.join(out, "metrics.json"), encoding="utf-8") as handle:
         assert json.load(handle)["multi_query"] == mq
-    text = evaluate.format_table(metrics)
+    text = format_table(metrics)
     line = [t for t in text.splitlines() if t.startswith("Market-1501 multi-query")]
     assert len(line) == 1 and f"rank-1 {100 * expected['rank-1']:.2f}" in line[0]
 
 
 def test_multi_query_off_and_datasets_without_gt_bbox(market, tmp_path):
-    metrics = _run(market, str(tmp_path / "off"), "--multi-query", "off")
+    metrics = _run(market, str(tmp_path / "off"), "off")
     assert "multi_query" not in metrics and "rank1" in metrics
     assert not os.path.exists(tmp_path / "off" / "features_multi_query.npz")
-    assert "multi-query" not in evaluate.format_table(metrics)
+    assert "multi-query" not in format_table(metrics)
     import dataclasses
 
-    plain = dict(market, dataset=dataclasses.replace(market["dataset"], multi_query=[]))  # e.g. no gt_bbox/
+    plain = dict(market, dataset=dataclasses.replace(market["dataset"], protocols=()))  # e.g. no gt_bbox/
     assert "multi_query" not in _run(plain, str(tmp_path / "none"))
+    from reid_keras.cli.evaluate import build_parser
+
     with pytest.raises(SystemExit):
-        evaluate.build_parser().parse_args(["--model", "m", "--dataset", "d", "--data-root", "r",
-                                            "--multi-query", "median"])
+        build_parser().parse_args(["--model", "m", "--dataset", "d", "--data-root", "r", "--multi-query", "median"])
+    with pytest.raises(ValueError, match="EvaluationOptions.multi_query must be one of mean, max, off, got 'median'"):
+        EvaluationOptions(multi_query="median")

@@ -198,19 +198,18 @@ def test_cuhk01_bad_input():
 def test_evaluate_cli_reports_cuhk03_single_and_multi_shot():
     """The classic CUHK03 protocol in metrics.json carries both the single-shot (idver Table IV) and
     the multi-shot (Table V) numbers, equal to evaluate_cuhk03 in each mode."""
-    import argparse
-    import types
-
-    from reid_keras.evaluate import dataset_protocol
+    from reid_keras.data.datasets.base import EvaluationProtocol
+    from reid_keras.metrics.dataset_protocols import ProtocolInputs, cuhk03_classic
     from reid_keras.metrics.features import FeatureSet
+    from reid_keras.metrics.options import EvaluationOptions
 
     rng = np.random.default_rng(4)
     pids, cams = cuhk03_test_set(rng)
     feats = rng.normal(size=(len(pids), 6)).astype(np.float32)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     split = FeatureSet(features=feats, pids=pids, camids=cams, paths=np.array([]))
-    dataset = types.SimpleNamespace(name="cuhk03", info={"protocol": "classic", "split_index": 2})
-    paper = dataset_protocol(dataset, split, split, argparse.Namespace(seed=1, max_rank=10))
+    protocol = EvaluationProtocol("cuhk03_classic", {"split_index": 2})
+    paper = cuhk03_classic(protocol, ProtocolInputs(split, split, EvaluationOptions(seed=1, max_rank=10), None))
     for mode, table in (("single_shot", paper["mean_std"]), ("multi_shot", paper["multi_shot"]["mean_std"])):
         direct = evaluate_cuhk03(query_features=feats, gallery_features=feats, query_pids=pids, gallery_pids=pids,
                                  query_cams=cams, gallery_cams=cams, mode=mode, repeats=10, seed=1, split_index=2,

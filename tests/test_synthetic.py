@@ -202,10 +202,10 @@ def test_loaders_read_synthetic_output(market, duke, cuhk01):
     assert (len(ds.train), len(ds.query), len(ds.gallery)) == (n["bounding_box_train"], n["query"],
                                                                  n["bounding_box_test"] - junk)
     assert ds.num_train_ids == 15 and ds.skipped.total == 0
-    assert len(ds.multi_query) == len(os.listdir(os.path.join(root, "gt_bbox")))  # all of a query's id and camera
+    assert len(ds.protocol("multi_query").records) == len(os.listdir(os.path.join(root, "gt_bbox")))  # all of a query's id and camera
     assert ds.info["queries with no gt_bbox image of their id and camera"] == 0
     duke_ds = datasets.load_dataset("dukemtmc", duke)
-    assert len(duke_ds.query) == len(os.listdir(os.path.join(duke, "query"))) and duke_ds.multi_query == []
+    assert len(duke_ds.query) == len(os.listdir(os.path.join(duke, "query"))) and duke_ds.protocol("multi_query") is None
     assert {r.camid for r in duke_ds.gallery} <= set(range(8))
     cuhk = datasets.load_dataset("cuhk01", cuhk01, split_file=os.path.join(os.path.dirname(cuhk01), "splits.json"))
     assert len(cuhk.train) + len(cuhk.query) + len(cuhk.gallery) == 48

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from reid_keras import visualize
-from reid_keras.metrics import diagnostics
+from reid_keras.metrics import diagnostics, plots
 from reid_keras.metrics.features import FeatureSet, save_features
 from tests.eval_helpers import reference_ranking
 
@@ -161,30 +161,30 @@ def test_plot_functions_write_pngs(problem, tmp_path):
     cmc = np.cumsum(rng.random(20))
     cmc = cmc / cmc[-1]
     curves = {"baseline": cmc, "re-ranked": np.minimum(cmc + 0.05, 1)}
-    assert _is_png(visualize.plot_cmc(curves, str(tmp_path / "cmc.png")))
+    assert _is_png(plots.plot_cmc(curves, str(tmp_path / "cmc.png")))
     images = [rng.integers(0, 255, size=(32, 16, 3), dtype=np.uint8) for _ in range(4)]
     rows = [{"query": images[0], "query_label": "id 1 c1", "gallery": images[1:], "match": [True, False, True],
              "labels": ["0.10", "0.20", "0.30"]}]
-    assert _is_png(visualize.plot_ranked_lists(rows, str(tmp_path / "sub" / "ranked.png")))
+    assert _is_png(plots.plot_ranked_lists(rows, str(tmp_path / "sub" / "ranked.png")))
     matrix = diagnostics.cross_camera_matrix(query.pids, gallery.pids, query.camids, gallery.camids,
                                              query_features=query.features, gallery_features=gallery.features)
-    assert _is_png(visualize.plot_camera_heatmap(matrix, str(tmp_path / "heat.png")))
-    assert _is_png(visualize.plot_distance_histograms(rng.normal(0.3, 0.1, 50), rng.normal(0.8, 0.1, 200),
-                                                      str(tmp_path / "hist.png"), threshold=0.55, eer=0.04))
+    assert _is_png(plots.plot_camera_heatmap(matrix, str(tmp_path / "heat.png")))
+    assert _is_png(plots.plot_distance_histograms(rng.normal(0.3, 0.1, 50), rng.normal(0.8, 0.1, 200),
+                                                  str(tmp_path / "hist.png"), threshold=0.55, eer=0.04))
     feats = np.concatenate([query.features, gallery.features])
     pids = np.concatenate([query.pids, gallery.pids])
-    assert _is_png(visualize.plot_tsne(feats, pids, str(tmp_path / "tsne.png"), max_points=40))
+    assert _is_png(plots.plot_tsne(feats, pids, str(tmp_path / "tsne.png"), max_points=40))
     curve = [{"distractors": 0, "gallery_size": 40, "mAP": 0.5, "rank1": 0.7},
              {"distractors": 10, "gallery_size": 50, "mAP": 0.4, "rank1": 0.6}]
-    assert _is_png(visualize.plot_gallery_size_curve(curve, str(tmp_path / "size.png")))
+    assert _is_png(plots.plot_gallery_size_curve(curve, str(tmp_path / "size.png")))
     assert not [p for p in tmp_path.rglob(".*.tmp")]  # temp files were renamed
 
 
 def test_tsne_selection_skips_distractors_and_is_seeded():
     pids = np.repeat(np.arange(-1, 40), 5)
-    a = visualize.select_for_tsne(pids, max_ids=10, max_points=30, seed=5)
+    a = plots.select_for_tsne(pids, max_ids=10, max_points=30, seed=5)
     assert len(a) == 30 and (pids[a] > 0).all() and len(np.unique(pids[a])) <= 10
-    np.testing.assert_array_equal(a, visualize.select_for_tsne(pids, max_ids=10, max_points=30, seed=5))
+    np.testing.assert_array_equal(a, plots.select_for_tsne(pids, max_ids=10, max_points=30, seed=5))
 
 
 def test_visualize_cli(problem, tmp_path, capsys):

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from reid_keras.metrics.ranking import evaluate_ranking
+
 
 def eer_threshold(positive: np.ndarray, negative: np.ndarray) -> dict:
     """Equal-error threshold on distances: accept "same person" when `distance <= threshold`.
@@ -102,8 +104,6 @@ def cross_camera_matrix(query_pids, gallery_pids, query_cams, gallery_cams, quer
     same-camera match of the query's id is junk, so no query is valid there. A cell with no valid
     query is NaN too. Cross-camera averages are over the finite off-diagonal cells.
     """
-    from reid_keras.metrics import evaluate_ranking
-
     qp, gp = np.asarray(query_pids), np.asarray(gallery_pids)
     qc, gc = np.asarray(query_cams), np.asarray(gallery_cams)
     q_cams = sorted(int(c) for c in np.unique(qc) if c >= 0)
@@ -164,8 +164,6 @@ def gallery_size_curve(query, gallery, distractor_features: np.ndarray, sizes: S
     `query` / `gallery` are FeatureSets. Tiers are nested: a seeded permutation of the distractors,
     and tier n takes its first n. Evaluation is chunked over queries (PROTOCOLS.md (f)).
     """
-    from reid_keras.metrics import evaluate_ranking
-
     order = np.random.default_rng(seed).permutation(len(distractor_features))
     too_big = [n for n in sizes if not 0 <= n <= len(order)]
     if too_big:

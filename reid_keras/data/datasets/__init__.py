@@ -15,6 +15,9 @@ its own keyword options:
 | msmt17 | use_val=False |
 | cuhk01 | split="paper871" / "random100" / "half", split_index=0, seed=0, split_file=None, direction="A->B" |
 | cuhk03 | box_type="labeled" / "detected", protocol="classic" / "new", split_index=0, cache_dir=None |
+
+The dataset remembers its options (`ReidDataset.options`): `load_dataset(ds.name, ds.root,
+**ds.options)` loads it again.
 """
 from __future__ import annotations
 
@@ -47,19 +50,28 @@ def parse_options(pairs, flag: str = "--dataset-option") -> dict:
     return options
 
 
-def get_loader(name: str):
-    """The `load(root, strict=None, **options)` function of dataset `name`."""
+def _module(name: str):
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
-    # Imported on demand: `synthetic` and the CLI import this package and need none of the loaders.
-    return importlib.import_module(f"reid_keras.data.datasets.{name}").load
+    # Imported on demand: the commands import this package and need one loader at most.
+    return importlib.import_module(f"reid_keras.data.datasets.{name}")
 
 
-def load_dataset(name: str, root: str, strict: bool | None = None, **options) -> ReidDataset:
-    """Load benchmark `name` from `root`.
+def get_loader(name: str):
+    """The `load(root, strict=None, **options)` function of dataset `name`."""
+    return _module(name).load
+
+
+def default_root(name: str):
+    """Where dataset `name` lives when no root is given (its loader's DEFAULT_ROOT), else None."""
+    return getattr(_module(name), "DEFAULT_ROOT", None)
+
+
+def load_dataset(name: str, root: str | None = None, strict: bool | None = None, **options) -> ReidDataset:
+    """Load benchmark `name` from `root` (default: `default_root(name)`); `options` are the loader's.
 
     Raises:
-        ValueError: unknown dataset name or option.
+        ValueError: unknown dataset name or option, or no root for a dataset that needs one.
         DatasetLayoutError: `root` does not hold the dataset's layout (names what is missing).
         DatasetCountError: a full-looking copy whose counts differ from the published ones.
     """
@@ -68,4 +80,10 @@ def load_dataset(name: str, root: str, strict: bool | None = None, **options) ->
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; accepted: {', '.join(accepted) or 'none'}")
-    return loader(root, strict=strict, **options)
+    root = default_root(name) if root is None else root
+    if root is None:
+        raise ValueError(f"data_root is required for dataset {name}: the folder where {name} is unpacked "
+                         "(see data/README.md)")
+    dataset = loader(root, strict=strict, **options)
+    dataset.options = dict(options)
+    return dataset

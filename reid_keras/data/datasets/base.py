@@ -6,9 +6,10 @@ A re-ID dataset is three lists of `ImageRecord(path, pid, camid)`:
   (`ReidDataset.train_id_map` maps original id -> dense label);
 - `query` / `gallery`: `pid` is the original id, unchanged; distractors have pid 0, Market junk
   (-1) is dropped when loading;
-- `multi_query` (Market-1501 only, DATASETS.md §1 "Multi-query"): the hand-drawn `gt_bbox/` boxes
-  whose (original pid, camid) is that of some query, pooled per query by the evaluator; empty when
-  the dataset has no such protocol or the folder is absent.
+- `protocols`: the evaluation protocols the dataset supports beyond PROTOCOLS.md (a), each an
+  `EvaluationProtocol` with what it needs (run by `reid_keras.metrics.dataset_protocols`), e.g.
+  Market-1501's `multi_query` (DATASETS.md §1) holds the hand-drawn `gt_bbox/` boxes whose
+  (original pid, camid) is that of some query.
 
 `camid` is 0-based (camera number in the file name - 1); -1 when unknown (500k distractors).
 """
@@ -65,6 +66,17 @@ class SkipReport:
         return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluationProtocol:
+    """An evaluation protocol a dataset supports: its `name` (a key of
+    `reid_keras.metrics.dataset_protocols.DATASET_PROTOCOLS`), its `options` and the extra image
+    `records` it needs (e.g. the multi-query boxes)."""
+
+    name: str
+    options: dict = dataclasses.field(default_factory=dict)
+    records: tuple = ()
+
+
 @dataclasses.dataclass
 class ReidDataset:
     """A loaded re-ID benchmark: train / query / gallery records plus what the loader saw."""
@@ -77,8 +89,13 @@ class ReidDataset:
     train_id_map: dict = dataclasses.field(default_factory=dict)
     skipped: SkipReport = dataclasses.field(default_factory=SkipReport)
     info: dict = dataclasses.field(default_factory=dict)
-    # ImageRecords of the hand-drawn boxes pooled into multi-query features; empty = no multi-query protocol.
-    multi_query: list = dataclasses.field(default_factory=list)
+    # The keyword options it was loaded with (`load_dataset` fills it): name + root + options reload it.
+    options: dict = dataclasses.field(default_factory=dict)
+    protocols: tuple = ()
+
+    def protocol(self, name: str):
+        """The declared `EvaluationProtocol` called `name`, or None."""
+        return next((p for p in self.protocols if p.name == name), None)
 
     @property
     def num_train_ids(self) -> int:

@@ -10,7 +10,8 @@
 Random splits are drawn once from `numpy.random.default_rng(seed)` and written, with the seed,
 to a JSON split file; later loads (and other machines given the file) reuse it.
 Query = the test ids' camera-A images, gallery = their camera-B images (`direction="B->A"`
-swaps them); the evaluator samples one image per side for the single-shot trials of §(c).
+swaps them); the dataset declares the `cuhk01_trials` protocol: the evaluator samples one image
+per side for the single-shot trials of §(c).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import re
 
 import numpy as np
 
-from reid_keras.data.datasets.base import (DatasetLayoutError, ImageRecord, ReidDataset, SkipReport,
-                                           relabel, resolve_root)
+from reid_keras.data.datasets.base import (DatasetLayoutError, EvaluationProtocol, ImageRecord, ReidDataset,
+                                           SkipReport, relabel, resolve_root)
 from reid_keras.data.datasets.common import scan_split_folder, verify_counts
 from reid_keras.io_utils import atomic_write_json
 
@@ -163,6 +164,6 @@ def load(root: str, strict: bool | None = None, split: str = "paper871", split_i
     query_cam = 0 if direction == "A->B" else 1
     query = [r for r in records if r.pid in test_ids and r.camid == query_cam]
     gallery = [r for r in records if r.pid in test_ids and r.camid != query_cam]
-    dataset = ReidDataset(name="cuhk01", root=folder, train=train, query=query, gallery=gallery,
-                          train_id_map=train_id_map, skipped=skipped, info=info)
-    return dataset
+    return ReidDataset(name="cuhk01", root=folder, train=train, query=query, gallery=gallery,
+                       train_id_map=train_id_map, skipped=skipped, info=info,
+                       protocols=(EvaluationProtocol("cuhk01_trials", {"direction": direction}),))

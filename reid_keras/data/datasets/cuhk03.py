@@ -8,8 +8,8 @@ transposed, so every dereference is followed by `.T`: `labeled` / `detected` -> 
 with an `index.json` (image names + the 20 classic test sets) written last, atomically.
 
 Identity = (pair, person): pid = pair * 1000 + person (e.g. 3042), camid = view - 1.
-Protocols: `classic` (20 splits from `testsets`, test images serve as query and gallery, the
-evaluator draws the single-shot galleries) and `new` (767/700 from
+Protocols: `classic` (20 splits from `testsets`, test images serve as query and gallery; the
+dataset declares `cuhk03_classic`, whose evaluator draws the single-shot galleries) and `new` (767/700 from
 `cuhk03_new_protocol_config_{labeled,detected}.mat`, MATLAB v5, read with scipy). The new protocol
 also loads from its image-folder release (`<box_type>/bounding_box_train` ..., Market rules).
 """
@@ -20,8 +20,8 @@ import os
 
 import numpy as np
 
-from reid_keras.data.datasets.base import (DatasetLayoutError, ImageRecord, ReidDataset, SkipReport,
-                                           relabel, resolve_root)
+from reid_keras.data.datasets.base import (DatasetLayoutError, EvaluationProtocol, ImageRecord, ReidDataset,
+                                           SkipReport, relabel, resolve_root)
 from reid_keras.data.datasets.common import split_counts, verify_counts
 from reid_keras.data.imagefiles import probe_image_file
 from reid_keras.io_utils import atomic_write_bytes, atomic_write_json
@@ -266,7 +266,8 @@ def load(root: str, strict: bool | None = None, box_type: str = "labeled", proto
                  "test ids without images": len(test_ids - all_ids),
                  "query/gallery": "every test image in both; the evaluator draws single-shot galleries"})
     dataset = ReidDataset(name="cuhk03", root=folder, train=train, query=test, gallery=list(test),
-                          train_id_map=train_id_map, skipped=skipped, info=info)
+                          train_id_map=train_id_map, skipped=skipped, info=info,
+                          protocols=(EvaluationProtocol("cuhk03_classic", {"split_index": split_index}),))
     found = {"all images": len(all_records), "all ids": len(all_ids), "train ids": len(train_id_map),
              "test ids": len({r.pid for r in test})}
     verify_counts("cuhk03", found, EXPECTED_CLASSIC[box_type], strict)

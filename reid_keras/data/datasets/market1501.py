@@ -5,15 +5,15 @@ the basename regex `^(-?\\d+)_c(\\d)`, junk (-1) dropped, distractors (0000) kep
 as pid 0, training labels dense over the sorted training ids.
 
 The optional `gt_bbox/` folder (hand-drawn boxes) feeds the multi-query protocol (DATASETS.md §1):
-its boxes of the queries' (id, camera) pairs become `ReidDataset.multi_query`.
+its boxes of the queries' (id, camera) pairs are the records of the dataset's `multi_query` protocol.
 """
 from __future__ import annotations
 
 import os
 import re
 
-from reid_keras.data.datasets.base import (DatasetLayoutError, ImageRecord, ReidDataset, SkipReport, relabel,
-                                           resolve_root)
+from reid_keras.data.datasets.base import (DatasetLayoutError, EvaluationProtocol, ImageRecord, ReidDataset,
+                                           SkipReport, relabel, resolve_root)
 from reid_keras.data.datasets.common import scan_split_folder, split_counts, verify_counts
 
 NAME_RE = re.compile(r"^(-?\d+)_c(\d)")
@@ -91,11 +91,11 @@ def load_market_style(folder: str, name: str, num_cams: int, layout: str) -> Rei
 
 
 def load_multi_query(dataset: ReidDataset, num_cams: int, layout: str) -> None:
-    """Fill `dataset.multi_query` from `<root>/gt_bbox/` when it exists (DATASETS.md §1, multi-query).
+    """Declare the `multi_query` protocol (DATASETS.md §1) with the boxes of `<root>/gt_bbox/`.
 
     Kept: boxes of a real id (pid > 0) whose (pid, camid) is that of some query, in file order;
     unparseable names go to the skip report. A missing or empty folder is not an error: the
-    multi-query protocol is then off and `dataset.info` says so in one entry.
+    dataset then declares no multi-query protocol and `dataset.info` says so in one entry.
     """
     folder = os.path.join(dataset.root, "gt_bbox")
     if not os.path.isdir(folder):
@@ -107,10 +107,12 @@ def load_multi_query(dataset: ReidDataset, num_cams: int, layout: str) -> None:
         dataset.info["gt_bbox"] = "gt_bbox/ holds no usable images: no multi-query evaluation"
         return
     wanted = {(r.pid, r.camid) for r in dataset.query}
-    dataset.multi_query = [r for r in records if r.pid > DISTRACTOR_PID and (r.pid, r.camid) in wanted]
-    covered = {(r.pid, r.camid) for r in dataset.multi_query}
+    kept = tuple(r for r in records if r.pid > DISTRACTOR_PID and (r.pid, r.camid) in wanted)
+    if kept:
+        dataset.protocols = (*dataset.protocols, EvaluationProtocol("multi_query", records=kept))
+    covered = {(r.pid, r.camid) for r in kept}
     dataset.info["gt_bbox images read"] = len(records)
-    dataset.info["gt_bbox images kept for multi-query (query ids and cameras)"] = len(dataset.multi_query)
+    dataset.info["gt_bbox images kept for multi-query (query ids and cameras)"] = len(kept)
     dataset.info["queries with no gt_bbox image of their id and camera"] = sum(
         (r.pid, r.camid) not in covered for r in dataset.query)
 
