@@ -430,8 +430,41 @@ def test_cuhk03_unwritable_cache_is_a_clear_error(cuhk03_tree, tmp_path):
 # ------------------------------------------------------------------------------ registry
 
 def test_load_dataset_names_and_options(tmp_path):
-    assert DATASET_NAMES == ("market1501", "dukemtmc", "msmt17", "cuhk01", "cuhk03")
+    assert DATASET_NAMES == ("market1501", "dukemtmc", "msmt17", "cuhk01", "cuhk03", "synthetic")
     with pytest.raises(ValueError, match="known datasets: market1501, dukemtmc"):
         load_dataset("viper", str(tmp_path))
     with pytest.raises(ValueError, match="unknown option\\(s\\) box_type"):
         load_dataset("market1501", str(tmp_path), box_type="labeled")
+
+
+def test_default_root_and_the_missing_root_error(tmp_path, monkeypatch):
+    from reid_keras.data.datasets import default_root
+
+    assert default_root("synthetic") == "data" and default_root("market1501") is None
+    with pytest.raises(ValueError, match=r"^data_root is required for dataset cuhk01: the folder where cuhk01 is "
+                                         r"unpacked \(see data/README.md\)$"):
+        load_dataset("cuhk01")
+    with pytest.raises(ValueError, match="known datasets: market1501"):
+        default_root("viper")
+    monkeypatch.chdir(tmp_path)
+    assert load_dataset("synthetic", num_ids=4).root == "data" and os.path.isdir(tmp_path / "data" / "synthetic")
+
+
+def test_synthetic_is_the_trainers_synthetic_set_and_reloads_from_its_options(tmp_path):
+    """load_dataset("synthetic") = ensure_synthetic + the Market loader (the trainer's old path), renamed."""
+    from reid_keras.data.datasets.synthetic import ensure_synthetic
+
+    data = str(tmp_path / "data")
+    ds = load_dataset("synthetic", data, num_ids=12)
+    old = load_dataset("market1501", ensure_synthetic(data, layout="market1501", num_ids=12, seed=0), strict=False)
+    for split in ("train", "query", "gallery"):
+        assert getattr(ds, split) == getattr(old, split), split  # same files, labels and order
+    assert ds.train_id_map == old.train_id_map and ds.protocols == old.protocols
+    assert (ds.name, ds.root, ds.options) == ("synthetic", data, {"num_ids": 12})
+    assert len(ds.protocol("multi_query").records) > 0
+    again = load_dataset(ds.name, ds.root, **ds.options)
+    assert again.query == ds.query and again.protocols == ds.protocols
+    cuhk = load_dataset("synthetic", data, num_ids=6, layout="cuhk01", seed=1)
+    assert [p.name for p in cuhk.protocols] == ["cuhk01_trials"] and cuhk.options == {"num_ids": 6, "layout": "cuhk01",
+                                                                                         "seed": 1}
+    assert os.path.isdir(tmp_path / "data" / "synthetic" / "cuhk01" / "CUHK01")

@@ -15,6 +15,7 @@ its own keyword options:
 | msmt17 | use_val=False |
 | cuhk01 | split="paper871" / "random100" / "half", split_index=0, seed=0, split_file=None, direction="A->B" |
 | cuhk03 | box_type="labeled" / "detected", protocol="classic" / "new", split_index=0, cache_dir=None |
+| synthetic | num_ids=300, layout="market1501" / "dukemtmc" / "cuhk01", seed=0 (root defaults to `data`) |
 
 The dataset remembers its options (`ReidDataset.options`): `load_dataset(ds.name, ds.root,
 **ds.options)` loads it again.
@@ -26,7 +27,7 @@ import inspect
 
 from reid_keras.data.datasets.base import ReidDataset
 
-DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "cuhk01", "cuhk03")
+DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "cuhk01", "cuhk03", "synthetic")
 
 
 def parse_options(pairs, flag: str = "--dataset-option") -> dict:
@@ -63,7 +64,8 @@ def get_loader(name: str):
 
 
 def default_root(name: str):
-    """Where dataset `name` lives when no root is given (its loader's DEFAULT_ROOT), else None."""
+    """Where dataset `name` lives when no root is given (a loader's DEFAULT_ROOT: `data` for the
+    generated synthetic set), else None."""
     return getattr(_module(name), "DEFAULT_ROOT", None)
 
 

@@ -9,12 +9,13 @@ Everything is deterministic by `seed`: the plan (which image goes where under wh
 seeded generators (`plan_dataset`), and each image is drawn from its own generator seeded by (seed, image index),
 so the bytes do not depend on the order or the number of worker processes.
 
-Example:
-    >>> root = ensure_synthetic("data", "market1501", num_ids=100)   # doctest: +SKIP
-    >>> load_dataset("market1501", root, strict=False)                 # doctest: +SKIP
+As the registered dataset `synthetic` (`load`), a set is written once under `<root>/synthetic/` and
+read by the loader of its layout:
+    >>> ds = load_dataset("synthetic", "data", num_ids=100)   # doctest: +SKIP
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -23,6 +24,8 @@ import time
 
 import cv2
 import numpy as np
+
+from reid_keras.data.datasets.base import ReidDataset
 
 from reid_keras.io_utils import atomic_write, atomic_write_json
 
@@ -34,6 +37,7 @@ from .synthetic_render import render_identity_image
 # 2: Market gets gt_bbox/ (multi-query); every other file is unchanged from 1.
 GENERATOR_VERSION = 2
 MANIFEST = "SYNTHETIC.json"
+DEFAULT_ROOT = "data"  # `load_dataset("synthetic")` without a root writes and reads data/synthetic/
 
 
 def _render_chunk(args) -> int:
@@ -186,6 +190,22 @@ def ensure_synthetic(data_dir: str = "data", layout: str = "market1501", num_ids
         if manifest is None or any(manifest.get(k) != v for k, v in wanted.items()):
             raise
     return target
+
+
+def load(root: str, strict: bool | None = None, num_ids: int = 300, layout: str = "market1501",
+         seed: int = 0) -> ReidDataset:
+    """The synthetic pedestrians in `layout`, written under `<root>/synthetic/<layout>/` on first use
+    (`ensure_synthetic`) and read by that benchmark's own loader, whose protocols come along (the
+    Market layout's gt_bbox/ gives `multi_query`). `strict` is passed on (None: counts unchecked,
+    a synthetic set is never the published benchmark). The dataset is named "synthetic" and its
+    root is `root`, so `load_dataset("synthetic", ds.root, **ds.options)` reloads it."""
+    from reid_keras.data.datasets import cuhk01, dukemtmc, market1501
+
+    loaders = {"market1501": market1501.load, "dukemtmc": dukemtmc.load, "cuhk01": cuhk01.load}
+    folder = ensure_synthetic(root, layout, num_ids=num_ids, seed=seed)
+    dataset = loaders[layout](folder, strict=bool(strict))
+    info = {"synthetic": f"{layout} layout, {num_ids} ids, seed {seed}, in {folder}", **dataset.info}
+    return dataclasses.replace(dataset, name="synthetic", root=root, info=info)
 
 
 def contact_sheet(path: str, pids=(1, 2, 3, 4, 7, 8, 9, 10), layout: str = "market1501", seed: int = 0,
