@@ -172,19 +172,17 @@ def load_activation_model(path: str, layer: Optional[str] = None,
     """
     import keras
 
-    from reid_keras.models.loading import ModelLoadError, _embedding_network, _register_package_layers, \
-        _sidecar_preprocessing
+    from reid_keras.models.loading import ModelLoadError, _embedding_network, _sidecar_preprocessing
 
     if not os.path.isfile(path) or not path.endswith(".keras"):
         what = "does not exist" if not os.path.exists(path) else "is not a .keras file"
         raise ModelLoadError(f"model {path!r} {what}: expected a .keras file saved by python -m reid_keras.train")
-    broken = _register_package_layers()
     try:
         model = keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as err:  # Keras raises many types (ValueError, TypeError, zipfile errors)
-        hint = f" (these reid_keras modules failed to import: {broken})" if broken else ""
         raise ModelLoadError(f"could not load {path!r} with keras.saving.load_model(safe_mode=True): "
-                             f"{type(err).__name__}: {err}{hint}") from None
+                             f"{type(err).__name__}: {err}. Its custom layers must be registered first "
+                             "(reid_keras.families.register_serializables())") from None
     return ActivationModel(_embedding_network(model, path), layer,
                            preprocessing or _sidecar_preprocessing(path), source=path)
 

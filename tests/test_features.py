@@ -160,7 +160,7 @@ def test_load_saved_model_embed_function(models, images, tmp_path):
 
 def test_load_export_of_reid_keras_export(models, images, tmp_path):
     """The package's own exporter: `embed` on any-size uint8 plus recorded image_size / preprocessing."""
-    from reid_keras.export import export_model
+    from reid_keras.models.saved_model import export_model
 
     folder = export_model(models["siamese"], str(tmp_path / "export"), preprocessing="none")
     model = load_embedding_model(folder)

@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from reid_keras.data.datasets import DATASET_NAMES, load_dataset, parse_options
     from reid_keras.data.datasets.base import DatasetCountError, DatasetLayoutError
+    from reid_keras.families import register_serializables
     from reid_keras.metrics.evaluation import evaluate_model
     from reid_keras.metrics.options import EvaluationError
     from reid_keras.metrics.report import format_table
@@ -105,6 +106,7 @@ def main(argv=None) -> int:
         except ValueError as err:
             known = "" if args.dataset in DATASET_NAMES else f" (known datasets: {', '.join(DATASET_NAMES)})"
             raise UsageError(f"{err}{known}") from None
+        register_serializables()  # a .keras file names the models' own layers; a fresh process knows none
         model = load_embedding_model(args.model, preprocessing=args.preprocess)
         if model.kind == "keras" and model.preprocessing is None:
             print(f"note: no preprocessing recorded for {args.model} (no run config.json beside it): feeding "

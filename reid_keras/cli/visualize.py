@@ -106,8 +106,10 @@ def main(argv=None) -> int:
                             max_points=args.max_points, seed=args.seed, perplexity=args.perplexity)
         elif args.command == "activations":
             from reid_keras.activation_maps import run
+            from reid_keras.families import register_serializables
 
             images = args.images or dataset_images(args)
+            register_serializables()  # a fresh process knows none of the models' own layers
             out = run(args.model, images, args.out, args.labels, args.layer, args.preprocess, args.npz)["figure"]
         else:
             from reid_keras.metrics.diagnostics import cross_camera_matrix
