@@ -22,7 +22,8 @@ from keras.src.backend import config as keras_config  # KERAS_HOME as Keras read
 from keras.src.utils import file_utils
 
 from reid_keras.io_utils import atomic_save_keras
-from reid_keras.models import backbones, caffe_weights, caffenet
+from reid_keras.cli import caffenet as caffenet_cli
+from reid_keras.models import backbones, caffenet
 from reid_keras.models.backbones import WeightsUnavailableWarning, build_backbone
 from reid_keras.models.caffe_weights import caffe_to_keras, read_caffemodel
 from reid_keras.models.caffenet import CaffeLRN
@@ -377,7 +378,7 @@ def test_convert_cli_and_every_weights_source(thin, keras_home, tmp_path, capsys
     blobs = random_blobs(THIN_SHAPES, seed=13)
     source = tmp_path / "bvlc_reference_caffenet.caffemodel"
     source.write_bytes(caffemodel_v1(blobs))  # the model zoo file is V1
-    assert caffe_weights.main(["convert", str(source)]) == 0
+    assert caffenet_cli.main(["convert", str(source)]) == 0
     written = keras_home / "models" / "caffenet_imagenet.weights.h5"
     out = capsys.readouterr().out
     assert f"wrote {written}" in out and "ignored layers: fc8" in out and str(source) in out
@@ -416,17 +417,17 @@ def test_convert_cli_and_every_weights_source(thin, keras_home, tmp_path, capsys
 def test_convert_cli_errors(thin, tmp_path, capsys):
     garbage = tmp_path / "garbage.caffemodel"
     garbage.write_bytes(b"\xff" * 64)
-    assert caffe_weights.main(["convert", str(garbage), "--out", str(tmp_path / "x.weights.h5")]) == 2
+    assert caffenet_cli.main(["convert", str(garbage), "--out", str(tmp_path / "x.weights.h5")]) == 2
     err = capsys.readouterr().err
     assert f"{garbage}: not a binary .caffemodel" in err and "Traceback" not in err
     assert not (tmp_path / "x.weights.h5").exists()
     good = tmp_path / "good.caffemodel"
     good.write_bytes(caffemodel_v2(random_blobs(THIN_SHAPES, seed=14)))
-    assert caffe_weights.main(["convert", str(good), "--out", str(tmp_path / "x.h5")]) == 2
+    assert caffenet_cli.main(["convert", str(good), "--out", str(tmp_path / "x.h5")]) == 2
     assert "must end in .weights.h5" in capsys.readouterr().err
     partial = tmp_path / "partial.caffemodel"
     partial.write_bytes(caffemodel_v2(random_blobs({"conv1": THIN_SHAPES["conv1"]}, seed=15)))
-    assert caffe_weights.main(["convert", str(partial), "--out", str(tmp_path / "x.weights.h5")]) == 2
+    assert caffenet_cli.main(["convert", str(partial), "--out", str(tmp_path / "x.weights.h5")]) == 2
     assert f"{partial}: no layer 'conv2' with weights" in capsys.readouterr().err
 
 

@@ -148,9 +148,7 @@ def check_image_size(image_size: Sequence[int], name: Optional[str] = None) -> T
     if ok and min(height, width) >= minimum:
         return height, width
     if caffenet:
-        raise ValueError(f"bad image_size {image_size!r} for CaffeNet: expected (height, width), two integers "
-                         f">= {minimum} (fc6 is a 6×6 valid convolution over pool5, which needs "
-                         f">= {minimum} pixels), e.g. (227, 227) as in the paper")
+        raise ValueError(_caffenet.too_small_message(image_size))
     raise ValueError(f"bad image_size {image_size!r}: expected (height, width), two integers >= "
                      f"{MIN_IMAGE_SIDE}, e.g. (160, 80) as in the paper")
 
@@ -220,9 +218,14 @@ def _constructor(name: str):
     return getattr(keras.applications, KERAS_BACKBONES[name])
 
 
+def caffenet_weights_path() -> str:
+    """`<Keras cache folder>/caffenet_imagenet.weights.h5`: where `weights="imagenet"` looks for CaffeNet."""
+    return os.path.join(keras_cache_dir(), _caffenet.WEIGHTS_FILE)
+
+
 def _build_caffenet_imagenet(shape) -> Tuple[keras.Model, WeightsInfo]:
     cache_dir = keras_cache_dir()
-    cached = os.path.join(cache_dir, _caffenet.WEIGHTS_FILE)
+    cached = caffenet_weights_path()
     model = _build_caffenet(input_shape=shape)
     if not os.path.exists(cached):
         reason = "no such file"

@@ -9,11 +9,8 @@ CLI: `python -m reid_keras.models.caffenet convert bvlc_reference_caffenet.caffe
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import keras
 import numpy as np
@@ -202,45 +199,15 @@ def load_caffemodel(path: str, model: keras.Model) -> List[str]:
     return caffe_to_keras(read_caffemodel(path), model, source=path)
 
 
-def default_weights_path() -> str:
-    """`<Keras cache folder>/caffenet_imagenet.weights.h5`, where `--weights imagenet` looks."""
-    from reid_keras.models.backbones import keras_cache_dir  # backbones imports this module
-
-    return os.path.join(keras_cache_dir(), WEIGHTS_FILE)
-
-
-def convert(caffemodel: str, out: Optional[str] = None) -> Tuple[str, keras.Model, List[str]]:
-    """Convert `caffemodel` to Keras backbone weights at `out` (default `default_weights_path()`),
-    written atomically. Returns `(out, model, ignored Caffe layers with weights)`."""
+def convert(caffemodel: str, out: str) -> Tuple[str, keras.Model, List[str]]:
+    """Convert `caffemodel` to Keras backbone weights at `out` (`backbones.caffenet_weights_path()` is where
+    `weights="imagenet"` looks), written atomically. Returns `(out, model, ignored Caffe layers with weights)`."""
     from reid_keras.io_utils import atomic_write
 
-    out = out or default_weights_path()
     if not str(out).endswith(".weights.h5"):
-        raise ValueError(f"--out {out!r}: must end in .weights.h5 (Keras' weights format)")
+        raise ValueError(f"out {out!r}: must end in .weights.h5 (Keras' weights format)")
     blobs = read_caffemodel(caffemodel)
     model = caffenet.build_caffenet()  # looked up at call time (tests swap in a thin copy)
     caffe_to_keras(blobs, model, source=caffemodel)
     atomic_write(out, model.save_weights)
     return out, model, [name for name in blobs if name not in WEIGHT_LAYERS]
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reid_keras.models.caffenet",
-                                     description="CaffeNet weights for reid_keras (identification+verification "
-                                                 "paper, ref. [26]).")
-    commands = parser.add_subparsers(dest="command", required=True)
-    conv = commands.add_parser("convert", help="convert a .caffemodel (e.g. bvlc_reference_caffenet.caffemodel) "
-                                               "to Keras backbone weights")
-    conv.add_argument("caffemodel", help="binary Caffe weights file")
-    conv.add_argument("--out", default=None,
-                      help=f"output .weights.h5 (default: <Keras cache folder>/{WEIGHTS_FILE}, "
-                           "used by --weights imagenet)")
-    args = parser.parse_args(argv)
-    try:
-        out, model, ignored = convert(args.caffemodel, args.out)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}: CaffeNet backbone weights ({', '.join(WEIGHT_LAYERS)}; {model.count_params():,} "
-          f"parameters) from {args.caffemodel}" + (f"; ignored layers: {', '.join(ignored)}" if ignored else ""))
-    return 0

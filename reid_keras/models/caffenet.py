@@ -31,7 +31,7 @@ file `backbones.build_backbone("caffenet", weights="imagenet")` loads.
 from __future__ import annotations
 
 import sys
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Sequence
 
 import keras
 
@@ -68,11 +68,11 @@ def feature_sizes(side: int) -> Dict[str, int]:
 MIN_INPUT_SIDE = next(side for side in range(11, 1000) if feature_sizes(side)["fc7"] >= 1)  # 199
 
 
-def check_input_size(image_size: Sequence[int]) -> Tuple[int, int]:
-    """Validate `(height, width)` for CaffeNet: two integers >= MIN_INPUT_SIDE (`backbones.check_image_size`)."""
-    from reid_keras.models.backbones import check_image_size  # backbones imports this module
-
-    return check_image_size(image_size, "caffenet")
+def too_small_message(image_size) -> str:
+    """The error for an input CaffeNet cannot take (`backbones.check_image_size` raises it too)."""
+    return (f"bad image_size {image_size!r} for CaffeNet: expected (height, width), two integers >= {MIN_INPUT_SIDE} "
+            f"(fc6 is a 6×6 valid convolution over pool5, which needs >= {MIN_INPUT_SIDE} pixels), e.g. (227, 227) "
+            "as in the paper")
 
 
 @keras.saving.register_keras_serializable(package="reid_keras")
@@ -165,6 +165,7 @@ def build_caffenet(image_size: Sequence[int] = (227, 227), name: str = "caffenet
 
     Args:
         image_size: `(height, width)`, both >= MIN_INPUT_SIDE (199); the paper uses (227, 227).
+            `backbones.build_backbone("caffenet", ...)` checks it before building.
         name: the model's name (`backbones` looks a checkpoint's backbone up by it).
         width: multiplies every layer's filter count (rounded to even). 1.0 is CaffeNet; smaller
             values give a thin copy with the same layers (fast tests of the weights plumbing).
@@ -173,7 +174,9 @@ def build_caffenet(image_size: Sequence[int] = (227, 227), name: str = "caffenet
         A functional model: "caffe"-preprocessed BGR pixels `(H, W, 3)` → relu7 map
         `(H', W', 4096)`, `(1, 1, 4096)` at 227×227 (56,868,224 parameters).
     """
-    height, width_px = check_input_size(image_size)
+    height, width_px = (int(v) for v in image_size)
+    if min(height, width_px) < MIN_INPUT_SIDE:
+        raise ValueError(too_small_message(image_size))
     if not 0.0 < float(width) <= 1.0:
         raise ValueError(f"width must be in (0, 1], got {width!r}")
     inputs = keras.Input((height, width_px, 3), name="image")
@@ -201,8 +204,9 @@ def build_caffenet(image_size: Sequence[int] = (227, 227), name: str = "caffenet
 
 
 if __name__ == "__main__":
-    # `python -m reid_keras.models.caffenet convert ...`: the converter lives in caffe_weights; run the
-    # package's modules, so CaffeLRN is registered once, under its import name.
-    from reid_keras.models.caffe_weights import main as _main
+    # `python -m reid_keras.models.caffenet convert ...` (the README's spelling): the command is
+    # reid_keras.cli.caffenet; it imports this module again under its package name, so CaffeLRN is
+    # registered under the name saved files use.
+    from reid_keras.cli.caffenet import main
 
-    sys.exit(_main())
+    sys.exit(main())

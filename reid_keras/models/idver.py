@@ -33,12 +33,12 @@ from typing import Optional, Sequence
 import keras
 from keras import layers, ops
 
-# Imported at module level so that loading a compiled .keras file (models/loading.py imports every
-# reid_keras.models module) finds the registered losses.
+# Imported at module level: registering this family's modules (families.register_serializables) then
+# also registers the losses a compiled .keras file names.
 from reid_keras.losses import ContrastiveLoss, IdentificationLoss, VerificationLoss
 from reid_keras.models.backbones import build_backbone, check_image_size
 from reid_keras.models.layers import SquareLayer
-from reid_keras.models.siamese import build_embedding
+from reid_keras.models.embedding import build_embedding
 
 LOSSES = ("id+verif", "id", "verif")
 VERIF_LOSSES = ("crossentropy", "contrastive")
@@ -81,8 +81,8 @@ class PairDistance(keras.layers.Layer):
             raise ValueError(f"{self.name}: PairDistance expects a list of two feature tensors [f1, f2]")
         f1, f2 = inputs
         if self.normalize:
-            f1 = f1 * ops.rsqrt(ops.maximum(ops.sum(ops.square(f1), axis=-1, keepdims=True), self.epsilon))
-            f2 = f2 * ops.rsqrt(ops.maximum(ops.sum(ops.square(f2), axis=-1, keepdims=True), self.epsilon))
+            f1 = ops.normalize(f1, axis=-1, epsilon=self.epsilon)
+            f2 = ops.normalize(f2, axis=-1, epsilon=self.epsilon)
         return ops.sqrt(ops.sum(ops.square(f1 - f2), axis=-1, keepdims=True) + self.epsilon)
 
     def compute_output_shape(self, input_shape):
@@ -92,36 +92,6 @@ class PairDistance(keras.layers.Layer):
         config = super().get_config()
         config.update({"normalize": self.normalize, "epsilon": self.epsilon})
         return config
-
-
-@keras.saving.register_keras_serializable(package="reid_keras")
-class StepDecayByEpoch(keras.optimizers.schedules.LearningRateSchedule):
-    """`learning_rate` until epoch `decay_epoch`, then `final_learning_rate` (paper §III-F: 0.001,
-    then 0.0001 for the final 5 epochs).
-
-    The optimizer counts steps, so the schedule needs `steps_per_epoch`; the trainer sets it once
-    the input stream is known (`IdVerTask.train_dataset`), before `fit` traces the train step. The
-    epoch is derived from the optimizer's step counter, so a resumed run (whose optimizer state
-    is restored) continues on the right side of the boundary.
-    """
-
-    def __init__(self, learning_rate: float, final_learning_rate: float, decay_epoch: int,
-                 steps_per_epoch: Optional[int] = None):
-        self.learning_rate = float(learning_rate)
-        self.final_learning_rate = float(final_learning_rate)
-        self.decay_epoch = int(decay_epoch)
-        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
-
-    def __call__(self, step):
-        if not self.steps_per_epoch:
-            raise ValueError("StepDecayByEpoch.steps_per_epoch is not set: set it to the batches per epoch "
-                             "before training")
-        epoch = ops.floor_divide(ops.cast(step, "int64"), self.steps_per_epoch)
-        return ops.where(epoch >= self.decay_epoch, self.final_learning_rate, self.learning_rate)
-
-    def get_config(self):
-        return {"learning_rate": self.learning_rate, "final_learning_rate": self.final_learning_rate,
-                "decay_epoch": self.decay_epoch, "steps_per_epoch": self.steps_per_epoch}
 
 
 def build_idver(num_ids: int, backbone: str = "resnet50", image_size: Sequence[int] = (224, 224), weights=None,
@@ -149,7 +119,7 @@ def build_idver(num_ids: int, backbone: str = "resnet50", image_size: Sequence[i
 
     Example:
         >>> model = build_idver(751, "resnet50", (224, 224), weights="imagenet")
-        >>> compile_idver(model, learning_rate=1e-3)
+        >>> compile_idver(model, make_optimizer("sgd", 1e-3, momentum=0.9))
     """
     if losses not in LOSSES:
         raise ValueError(f"unknown losses {losses!r}: expected one of {', '.join(LOSSES)}")
@@ -220,37 +190,21 @@ def losses_and_metrics(model: keras.Model, label_smoothing: float = 0.0, contras
     return loss, metrics
 
 
-def make_optimizer(name: str = "sgd", learning_rate=1e-3, momentum: float = 0.9,
-                   weight_decay: Optional[float] = None) -> keras.optimizers.Optimizer:
-    """SGD with momentum (§III-F), Adam or RMSprop; `learning_rate` may be a schedule."""
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=float(momentum), weight_decay=weight_decay)
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate=learning_rate, weight_decay=weight_decay)
-    if name == "rmsprop":
-        return keras.optimizers.RMSprop(learning_rate=learning_rate, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}: expected one of sgd, adam, rmsprop")
-
-
-def compile_idver(model: keras.Model, learning_rate=1e-3, optimizer: str = "sgd", momentum: float = 0.9,
-                  weight_decay: Optional[float] = None, label_smoothing: float = 0.0,
-                  contrastive_margin: float = 1.0, loss_weights: Optional[dict] = None,
-                  jit_compile=False) -> keras.Model:
+def compile_idver(model: keras.Model, optimizer, label_smoothing: float = 0.0, contrastive_margin: float = 1.0,
+                  loss_weights: Optional[dict] = None, jit_compile=False) -> keras.Model:
     """Compile `model` with its losses weighted 0.5 / 0.5 / 1 (§III-F) and accuracy metrics.
 
     Args:
         model: from `build_idver`.
-        learning_rate: a float or a schedule (e.g. `StepDecayByEpoch`).
-        optimizer: "sgd" (paper, with `momentum`), "adam" or "rmsprop".
-        weight_decay: optional decoupled weight decay of the Keras optimizer.
+        optimizer: a Keras optimizer (§III-F: SGD with momentum, see `training.optimizers.make_optimizer`).
         label_smoothing: of the identification loss (0 = the paper's plain cross-entropy).
         contrastive_margin: margin of the contrastive loss (verif_loss="contrastive").
         loss_weights: overrides of `LOSS_WEIGHTS` by output name.
         jit_compile: passed to `model.compile` (XLA is slow for these on CPU).
     """
     loss, metrics = losses_and_metrics(model, label_smoothing, contrastive_margin)
-    model.compile(optimizer=make_optimizer(optimizer, learning_rate, momentum, weight_decay), loss=loss,
-                  loss_weights=loss_weights_for(model, loss_weights), metrics=metrics, jit_compile=jit_compile)
+    model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights_for(model, loss_weights),
+                  metrics=metrics, jit_compile=jit_compile)
     return model
 
 
@@ -281,6 +235,6 @@ def embedding_view(model: keras.Model) -> keras.Model:
     return keras.Model(image, embedding(image), name=model.name)
 
 
-__all__ = ["build_idver", "compile_idver", "losses_and_metrics", "loss_weights_for", "make_optimizer",
-           "verification_view", "embedding_view", "has_verification_head", "output_names", "PairDistance", "StepDecayByEpoch",
+__all__ = ["build_idver", "compile_idver", "losses_and_metrics", "loss_weights_for",
+           "verification_view", "embedding_view", "has_verification_head", "output_names", "PairDistance",
            "LOSSES", "VERIF_LOSSES", "LOSS_WEIGHTS", "DEFAULT_DROPOUT"]

@@ -2,7 +2,7 @@
 
 `SquareLayer` is the comparison layer of the siamese verification models
 (efficientnet_siamese_cuhk01.txt §II.C, identification_verification_embedding.txt: f_s = (f1 - f2)^2).
-`L2Normalize` scales feature rows to unit length (exported embeddings, OIM / person-search features).
+`L2Normalize` is `keras.layers.UnitNormalization` under the name older `.keras` files saved.
 Both are registered Keras serializables, so `.keras` files holding them load with `safe_mode=True`.
 """
 from __future__ import annotations
@@ -66,32 +66,23 @@ class SquareLayer(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="reid_keras")
-class L2Normalize(keras.layers.Layer):
-    """Scale `x` to unit L2 norm along `axis`: x / sqrt(max(sum(x^2), epsilon)).
+class L2Normalize(keras.layers.UnitNormalization):
+    """`keras.layers.UnitNormalization` with an `epsilon` floor on the norm, kept so that `.keras` files
+    saved before the models switched to UnitNormalization still load; new code uses UnitNormalization.
 
     Args:
         axis: axis to normalise over (default: the feature axis, -1).
-        epsilon: floor of the squared norm, so an all-zero feature stays zero instead of NaN.
-
-    Example:
-        >>> unit = L2Normalize()(features)   # rows of `unit` have norm 1
+        epsilon: floor of the norm, so an all-zero feature stays zero instead of NaN.
     """
 
     def __init__(self, axis=-1, epsilon=1e-12, **kwargs):
-        super().__init__(**kwargs)
-        self.axis = axis
+        super().__init__(axis=axis, **kwargs)
         self.epsilon = float(epsilon)
         if not self.epsilon > 0:
             raise ValueError(f"L2Normalize: epsilon must be > 0, got {epsilon}")
 
     def call(self, inputs):
-        squared = ops.sum(ops.square(inputs), axis=self.axis, keepdims=True)
-        return inputs * ops.rsqrt(ops.maximum(squared, self.epsilon))
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
+        return ops.normalize(inputs, axis=self.axis, order=2, epsilon=self.epsilon)
 
     def get_config(self):
-        config = super().get_config()
-        config.update({"axis": self.axis, "epsilon": self.epsilon})
-        return config
+        return {**super().get_config(), "epsilon": self.epsilon}

@@ -4,7 +4,8 @@ Whatever the source, the result is an `EmbeddingModel` whose `embed(images)` tak
 pixels (uint8 or float 0..255, NHWC) and returns one feature row per image. Evaluation, feature
 extraction and serving then share one code path (DESIGN.md, "Each run writes one folder").
 
-- `.keras`: loaded with `keras.saving.load_model(safe_mode=True)`. A sub-model or layer named
+- `.keras`: loaded with `keras.saving.load_model(safe_mode=True)`, after the caller has registered the
+  layers it names (`reid_keras.families.register_serializables()`, which the commands call). A sub-model or layer named
   `embedding` (the shared branch of a siamese / id-verification model) is used when present,
   else the model itself when it has a single image input.
 - SavedModel: `tf.saved_model.load(folder)` exposing an `embed` function or signature that takes
@@ -106,45 +107,33 @@ def load_embedding_model(path: str, preprocessing: Optional[str] = None) -> Embe
     return _load_keras(path, preprocessing)
 
 
-def _sidecar_preprocessing(path: str) -> Optional[str]:
-    """`preprocessing` from the run's config.json next to the model, if the run recorded it."""
+def run_config_beside(path: str) -> dict:
+    """The config.json of the run folder holding the model file `path` ({} when there is none or it is unreadable)."""
     config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
     try:
         with open(config, encoding="utf-8") as handle:
-            value = json.load(handle).get("preprocessing")
-        return value if isinstance(value, str) else None
-    except (OSError, ValueError, AttributeError):
-        return None
+            data = json.load(handle)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
-def _register_package_layers() -> dict:
-    """Import every module of `reid_keras.models` so its registered layers deserialise; {module: error}."""
-    import importlib
-    import pkgutil
-
-    import reid_keras.models as package
-
-    failed = {}
-    for info in pkgutil.walk_packages(package.__path__, prefix="reid_keras.models."):
-        try:
-            importlib.import_module(info.name)
-        except Exception as err:  # a half-written sibling module must not block loading
-            failed[info.name] = f"{type(err).__name__}: {err}"
-    return failed
+def _sidecar_preprocessing(path: str) -> Optional[str]:
+    """`preprocessing` from the run's config.json next to the model, if the run recorded it."""
+    value = run_config_beside(path).get("preprocessing")
+    return value if isinstance(value, str) else None
 
 
 def _load_keras(path: str, preprocessing: Optional[str]) -> EmbeddingModel:
     import keras
 
-    broken = _register_package_layers()
     try:
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as err:  # Keras raises many types (ValueError, TypeError, zipfile errors)
-        hint = f" (these reid_keras modules failed to import: {broken})" if broken else ""
         raise ModelLoadError(
             f"could not load {path!r} with keras.saving.load_model(safe_mode=True): {type(err).__name__}: {err}. "
-            "Is it a Keras 3 .keras file saved by reid_keras (custom layers must be registered, "
-            f"Lambda layers are refused in safe mode)?{hint}") from None
+            "Is it a Keras 3 .keras file saved by reid_keras? Its custom layers must be registered first "
+            "(reid_keras.families.register_serializables()); Lambda layers are refused in safe mode.") from None
     network = _embedding_network(model, path)
     shape = tuple(network.inputs[0].shape)
     size = (int(shape[1]), int(shape[2])) if shape[1] is not None and shape[2] is not None else None

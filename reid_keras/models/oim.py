@@ -31,10 +31,6 @@ IGNORE = -2  # background / ignored row (any label <= -2): neither in the loss n
 MASKED_LOGIT = -1e9  # logit of a column left out of the softmax (empty queue slot, unsampled column)
 
 
-def _l2_normalize(x, epsilon=1e-12):
-    return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), epsilon))
-
-
 @keras.saving.register_keras_serializable(package="reid_keras")
 class OIMMemory(keras.layers.Layer):
     """OIM lookup table + circular queue producing the logits of Eq. 1-2 (OIM paper §3.2).
@@ -69,7 +65,7 @@ class OIMMemory(keras.layers.Layer):
     `supports_jit = False`).
 
     Example:
-        >>> feats = L2Normalize()(keras.layers.Dense(256)(backbone_output))
+        >>> feats = keras.layers.UnitNormalization()(keras.layers.Dense(256)(backbone_output))
         >>> logits = OIMMemory(5532, 5000, 256)([feats, labels])
         >>> model.compile(optimizer="sgd", loss=OIMLoss(), metrics=[OIMAccuracy()])
     """
@@ -129,7 +125,7 @@ class OIMMemory(keras.layers.Layer):
         features, labels = inputs
         x = ops.cast(features, self._memory_dtype)
         if self.normalize_inputs:
-            x = _l2_normalize(x)
+            x = ops.normalize(x, axis=-1, epsilon=1e-12)
         labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
         if training:
             tf.debugging.assert_less(labels, self.num_ids,
@@ -213,7 +209,7 @@ class OIMMemory(keras.layers.Layer):
             chosen = tf.equal(rank, r)
             new = tf.math.unsorted_segment_sum(tf.where(chosen[:, None], x, tf.zeros_like(x)), segment, count)
             present = tf.math.unsorted_segment_max(tf.cast(chosen, tf.int32), segment, count) > 0
-            updated = _l2_normalize(gamma * current + (1.0 - gamma) * new)
+            updated = ops.normalize(gamma * current + (1.0 - gamma) * new, axis=-1, epsilon=1e-12)
             return r + 1, tf.where(present[:, None], updated, current)
 
         # Gather from the variable itself (a sparse read of n rows), not from a dense read of all L rows.

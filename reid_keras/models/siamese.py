@@ -28,37 +28,13 @@ import keras
 from keras import layers
 
 from reid_keras.models.backbones import WeightsInfo, build_backbone, check_image_size
+from reid_keras.models.embedding import build_embedding
 from reid_keras.models.layers import SquareLayer
 
 HEADS = ("softmax", "sigmoid")
-POOLINGS = ("avg", "max")
 SAME_INDEX = 1  # softmax head column holding P(same person); column 0 is P(different)
 # The authors' released code uses Dropout(0.2) before the last layer; the paper gives no rate.
 DEFAULT_DROPOUT = 0.2
-
-
-def build_embedding(backbone: keras.Model, pooling: str = "avg", feature_dim: Optional[int] = None,
-                    name: str = "embedding") -> keras.Model:
-    """One image (float32 RGB 0..255) → pooled feature vector, wrapping `backbone`.
-
-    Args:
-        backbone: a no-top feature-map model (see `backbones.build_backbone`).
-        pooling: "avg" (GlobalAveragePooling2D) or "max".
-        feature_dim: None, or the channels of a 1×1 Conv2D + ReLU before pooling (the authors'
-            code uses 4096).
-        name: the sub-model name; the siamese model looks it up as "embedding".
-    """
-    if pooling not in POOLINGS:
-        raise ValueError(f"unknown pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
-    image = keras.Input(backbone.input.shape[1:], name="image")
-    x = backbone(image)
-    if feature_dim is not None:
-        if int(feature_dim) < 1:
-            raise ValueError(f"feature_dim must be a positive integer or None, got {feature_dim!r}")
-        x = layers.Conv2D(int(feature_dim), 1, activation="relu", name="projection")(x)
-    pool = layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D
-    x = pool(name=f"{pooling}_pool")(x)
-    return keras.Model(image, x, name=name)
 
 
 def build_siamese(backbone: str = "efficientnetb0", image_size: Sequence[int] = (160, 80), weights=None,
@@ -83,8 +59,7 @@ def build_siamese(backbone: str = "efficientnetb0", image_size: Sequence[int] = 
 
     Example:
         >>> model = build_siamese("efficientnetb0", (160, 80), weights="imagenet")
-        >>> loss, metrics = loss_and_metrics("softmax")
-        >>> model.compile(keras.optimizers.RMSprop(1e-4), loss=loss, metrics=metrics)
+        >>> compile_siamese(model, make_optimizer("rmsprop", 1e-4))
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)}")
@@ -92,7 +67,7 @@ def build_siamese(backbone: str = "efficientnetb0", image_size: Sequence[int] = 
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     height, width = check_image_size(image_size)
     net, info = build_backbone(backbone, (height, width), weights)
-    embedding = build_embedding(net, pooling=pooling, feature_dim=feature_dim)
+    embedding = build_embedding(net, pooling=pooling, feature_dim=feature_dim, projection="conv")
     image_a = keras.Input((height, width, 3), name="image_a")
     image_b = keras.Input((height, width, 3), name="image_b")
     f1, f2 = embedding(image_a), embedding(image_b)
@@ -140,31 +115,14 @@ def loss_and_metrics(head: str) -> Tuple[keras.losses.Loss, list]:
     raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)}")
 
 
-def compile_siamese(model: keras.Model, learning_rate: float = 1e-4, optimizer: str = "rmsprop",
-                    jit_compile="auto", accumulate_steps: int = 1) -> keras.Model:
-    """Compile `model` with the paper's recipe (§III.C: RMSprop, lr 1e-4) and its head's loss.
-
-    Args:
-        model: from `build_siamese`.
-        learning_rate: step size.
-        optimizer: "rmsprop" (paper), "adam" or "sgd".
-        jit_compile: passed to `model.compile` ("auto" means no XLA on CPU-only machines).
-        accumulate_steps: average the gradients of this many consecutive batches before each update
-            (Keras' `gradient_accumulation_steps`): a batch of B pairs fed as N batches of B/N holds
-            about 1/N of the activations in memory. BatchNorm statistics then come from B/N pairs.
-    """
-    optimizers = {"rmsprop": keras.optimizers.RMSprop, "adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD}
-    if optimizer not in optimizers:
-        raise ValueError(f"unknown optimizer {optimizer!r}: expected one of {', '.join(optimizers)}")
+def compile_siamese(model: keras.Model, optimizer, jit_compile=False) -> keras.Model:
+    """Compile `model` with its head's loss and accuracy (§III.C trains with RMSprop at 1e-4: pass
+    `reid_keras.training.optimizers.make_optimizer("rmsprop", 1e-4)`). XLA (`jit_compile`) makes
+    EfficientNet ~10x slower on CPU."""
     loss, metrics = loss_and_metrics(head_of(model))
-    accumulate_steps = int(accumulate_steps)
-    if accumulate_steps < 1:
-        raise ValueError(f"accumulate_steps must be >= 1, got {accumulate_steps}")
-    opt = optimizers[optimizer](learning_rate=learning_rate,
-                                gradient_accumulation_steps=accumulate_steps if accumulate_steps > 1 else None)
-    model.compile(optimizer=opt, loss=loss, metrics=metrics, jit_compile=jit_compile)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile)
     return model
 
 
-__all__ = ["build_siamese", "build_embedding", "loss_and_metrics", "compile_siamese", "same_probability",
+__all__ = ["build_siamese", "loss_and_metrics", "compile_siamese", "same_probability",
            "head_of", "SAME_INDEX", "HEADS", "WeightsInfo"]
