@@ -1,4 +1,4 @@
-"""Single-image re-ID models (models/classifier.py) and their trainer task (training/classifier_task.py).
+"""Single-image re-ID models (models/classifier.py) and their family's trainer task (families/classifier.py).
 
 Model-structure and learning tests use a tiny convolutional backbone (build_classifier accepts a
 ready no-top model), so they run in seconds; the task tests build a real keras.applications backbone
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reid_keras.models.classifier import (CLASSIFIER_PRESETS, DelayedExponentialDecay, build_classifier,
-                                          compile_classifier, learning_rate_schedule, parse_losses)
-from reid_keras.training.classifier_task import ClassifierTask
+from reid_keras.families.classifier import PRESETS as CLASSIFIER_PRESETS
+from reid_keras.families.classifier import ClassifierRecipe, ClassifierTask
+from reid_keras.models.classifier import build_classifier, compile_classifier, parse_losses
+from reid_keras.training.optimizers import DelayedExponentialDecay, learning_rate_schedule, make_optimizer
 from tests.fixtures.tiny_images import write_reid_set
 
 SIZE = (32, 32)
@@ -76,14 +77,14 @@ def test_without_projection_or_bnneck():
     with pytest.raises(ValueError, match="num_ids must be a positive integer"):
         build_classifier(0, tiny_backbone(), SIZE)
     with pytest.raises(ValueError, match="loss_weights has oim"):
-        compile_classifier(model, loss_weights={"oim": 1.0})
+        compile_classifier(model, make_optimizer(), loss_weights={"oim": 1.0})
 
 
 @pytest.mark.parametrize("losses", ["id+triplet", "oim"])
 def test_a_few_steps_on_a_pk_batch_lower_the_loss(losses):
     images, pids = pk_images(P=4, K=4, seed=1)
     model = build_classifier(4, tiny_backbone(seed=2), SIZE, losses=losses, feature_dim=16, dropout=0.0)
-    compile_classifier(model, 3e-3, optimizer="adam", triplet_margin=0.3, label_smoothing=0.1)
+    compile_classifier(model, make_optimizer("adam", 3e-3), triplet_margin=0.3, label_smoothing=0.1)
     heads = parse_losses(losses)
     x = [images, pids] if "oim" in heads else images
     # One batch per epoch, in P x K order: history["loss"][0] is the loss before any update.
@@ -107,8 +108,9 @@ def test_learning_rate_schedules(tmp_path):
     assert learning_rate_schedule(0.5) == 0.5
     # A checkpoint of a model compiled with the schedule (and the custom losses) loads in safe mode.
     model = build_classifier(3, tiny_backbone(), SIZE, losses="id+triplet", feature_dim=4)
-    compile_classifier(model, 3e-4, lr_schedule={"type": "delayed_exponential", "decay_start": 10, "decay_end": 20},
-                       optimizer="sgd", weight_decay=5e-4, triplet_margin="soft", label_smoothing=0.1)
+    rate = learning_rate_schedule(3e-4, {"type": "delayed_exponential", "decay_start": 10, "decay_end": 20})
+    compile_classifier(model, ClassifierTask(ClassifierRecipe(optimizer="sgd", weight_decay=5e-4)).optimizer(rate),
+                       triplet_margin="soft", label_smoothing=0.1)
     path = str(tmp_path / "model.keras")
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
@@ -122,27 +124,30 @@ def test_learning_rate_schedules(tmp_path):
 
 
 def test_presets_are_complete():
-    for name, preset in CLASSIFIER_PRESETS.items():
-        assert preset["family"] == "classifier" and set(preset["recipes"]) == {"default", "paper"}
-        parse_losses(preset["losses"])
-        if preset["sampler"] == "pk":
-            assert preset["P"] * preset["K"] == preset["batch_size"], name
-            recipe = {**preset, **preset["recipes"]["default"]}
-            assert recipe["P"] * recipe["K"] == recipe["batch_size"], name
-    triplet = CLASSIFIER_PRESETS["resnet50_triplet"]
-    assert (triplet["P"], triplet["K"], triplet["learning_rate"]) == (18, 4, 3e-4)
-    assert triplet["steps_per_epoch"] * triplet["epochs"] == 25000
+    from reid_keras.families import get_preset
+
+    for name, entry in CLASSIFIER_PRESETS.items():
+        preset = entry.recipe
+        assert get_preset(name)[0].name == "classifier" and entry.resolve("paper") == preset
+        parse_losses(preset.losses)
+        if preset.sampler == "pk":
+            assert preset.P * preset.K == preset.batch_size, name
+            recipe = entry.resolve("default")
+            assert recipe.P * recipe.K == recipe.batch_size, name
+    triplet = CLASSIFIER_PRESETS["resnet50_triplet"].recipe
+    assert (triplet.P, triplet.K, triplet.learning_rate) == (18, 4, 3e-4)
+    assert triplet.steps_per_epoch * triplet.epochs == 25000
 
 
 # -- the trainer task, with a real backbone --------------------------------------------------
 
 def task_config(**overrides):
-    config = {"family": "classifier", "backbone": "vgg16", "weights": "none", "image_size": SIZE,
+    config = {"backbone": "vgg16", "weights": "none", "image_size": SIZE,
               "preprocessing": "vgg16", "losses": "id+triplet", "feature_dim": 8, "dropout": 0.0,
               "label_smoothing": 0.1, "triplet_margin": "0.3", "optimizer": "adam", "learning_rate": 1e-3,
-              "sampler": "pk", "P": 2, "K": 2, "steps_per_epoch": 2, "seed": 0, "augment": {"flip": True}}
+              "sampler": "pk", "P": 2, "K": 2, "steps_per_epoch": 2, "augment": {"flip": True}}
     config.update(overrides)
-    return config
+    return ClassifierRecipe(**config)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +201,7 @@ def test_task_data_errors_and_random_sampler(train_records):
 
 
 def test_task_export_embed_round_trip(trained, tmp_path):
-    from reid_keras.export import load_export, prepare_images
+    from reid_keras.models.saved_model import load_export, prepare_images
 
     task, model = trained[0], trained[1]
     out = tmp_path / "export"
@@ -244,6 +249,6 @@ def test_triplet_under_two_replicas_needs_whole_identities_per_replica():
     with strategy.scope(), pytest.raises(ValueError, match=r"P = 3 identities per batch is not a multiple of the 2 "
                                                            r"replicas.*use P = 4"):
         ClassifierTask(task_config(P=3)).build(num_train_ids=3)  # refused before any layer is built
-    ClassifierTask(task_config(P=4)).check_replicas(2)
-    ClassifierTask(task_config(P=3, losses="id")).check_replicas(2)  # no mining: any P
-    ClassifierTask(task_config(P=3)).check_replicas(1)
+    ClassifierTask(task_config(P=4)).check_batch_slices(2)
+    ClassifierTask(task_config(P=3, losses="id")).check_batch_slices(2)  # no mining: any P
+    ClassifierTask(task_config(P=3)).check_batch_slices(1)

@@ -6,7 +6,8 @@ import keras
 import numpy as np
 import pytest
 
-from reid_keras import experiment
+from reid_keras import paper_tables
+from reid_keras.cli import experiment
 
 SPEC = """
 title = "T"
@@ -29,28 +30,28 @@ flags = { lr = 0.001 }
 def test_spec_to_train_arguments_and_table(tmp_path):
     path = tmp_path / "e.toml"
     path.write_text(SPEC)
-    spec = experiment.load_experiment(str(path))
+    spec = paper_tables.load_experiment(str(path))
     argv = experiment.train_argv(spec, spec["runs"][1], "/d", "runs", smoke=False)
     assert argv == ["--model", "siamese_b5", "--dataset", "cuhk01", "--output", "runs", "--name", "siamese_b5",
                     "--preset", "paper", "--data-root", "/d", "--weights", "imagenet",
                     "--dataset-option", "split=paper871", "--lr", "0.001"]
-    table = experiment.results_table(spec, [(spec["runs"][0], [{None: {"rank1": 61.25, "rank5": 90.0}}]),
+    table = paper_tables.results_table(spec, [(spec["runs"][0], [{None: {"rank1": 61.25, "rank5": 90.0}}]),
                                             (spec["runs"][1], [])])
     assert "| siamese_b0 | paper | 70.1 | 95.2 |" in table
     assert "| siamese_b0 | ours | 61.2 | 90.0 |" in table or "| siamese_b0 | ours | 61.3 | 90.0 |" in table
     assert "| siamese_b5 | paper | – | – |" in table and "| siamese_b5 | ours | not run | not run |" in table
     cuhk01 = {"cuhk01_protocol": {"mean_std_percent": {"rank-1": [70.0, 2.0], "rank-5": [95.0, 1.0]}}}
-    assert experiment.our_numbers(cuhk01) == {"rank1": 70.0, "rank5": 95.0}
+    assert paper_tables.our_numbers(cuhk01) == {"rank1": 70.0, "rank5": 95.0}
     # Classic CUHK03: the paper protocol's numbers, not PROTOCOLS.md (a)'s; only metrics, never seeds.
     cuhk03 = {"embedding_cosine": {"rank1": 0.5, "mAP": 0.4, "seed": 3, "num_invalid_queries": 2,
                                    "dataset_protocol": {"mean_std": {"rank-1": [0.7, None], "mAP": [0.6, None]}}}}
-    assert experiment.our_numbers(cuhk03) == {"rank1": 70.0, "mAP": 60.0}
+    assert paper_tables.our_numbers(cuhk03) == {"rank1": 70.0, "mAP": 60.0}
     market = {"embedding_cosine": {"rank1": 0.5, "mAP": 0.25, "mINP": 0.1, "seed": 3, "num_invalid_queries": 2}}
-    assert experiment.our_numbers(market) == {"rank1": 50.0, "mAP": 25.0, "mINP": 10.0}
+    assert paper_tables.our_numbers(market) == {"rank1": 50.0, "mAP": 25.0, "mINP": 10.0}
     # Runs of one preset are told apart by their names, in the table and in --only.
     named = {"title": "t", "metrics": ["rank1"], "runs": [{"model": "resnet50_oim", "name": "oim_d128"},
                                                         {"model": "resnet50_oim", "name": "oim_d256"}]}
-    table = experiment.results_table(named, [(named["runs"][0], [{None: {"rank1": 1.0}}]), (named["runs"][1], [])])
+    table = paper_tables.results_table(named, [(named["runs"][0], [{None: {"rank1": 1.0}}]), (named["runs"][1], [])])
     assert "| oim_d128 | ours | 1.0 |" in table and "| oim_d256 | ours | not run |" in table
 
 
@@ -127,12 +128,12 @@ def _finished_run(folder, single, multi=None):
 def test_splits_are_trained_apart_and_averaged_with_their_sd(tmp_path):
     path = tmp_path / "e.toml"
     path.write_text(SPLITS_SPEC)
-    spec = experiment.load_experiment(str(path))
-    trainings = experiment.split_runs(spec, spec["runs"][0])
+    spec = paper_tables.load_experiment(str(path))
+    trainings = paper_tables.split_runs(spec, spec["runs"][0])
     assert [t["name"] for t in trainings] == ["r-split00", "r-split01", "r-split02"]
     assert [experiment.train_argv(spec, t, "/d", "o", False)[-2:] for t in trainings] == [
         ["--dataset-option", f"split_index={i}"] for i in range(3)]
-    assert len(experiment.split_runs(spec, spec["runs"][0], smoke=True)) == experiment.SMOKE_SPLITS
+    assert len(paper_tables.split_runs(spec, spec["runs"][0], smoke=True)) == paper_tables.SMOKE_SPLITS
 
     single = [(0.5, 0.625), (0.75, 0.5), (0.25, 0.375)]
     multi = [(0.8, 0.7), (0.6, 0.5), None]            # split 2 did not compute multi-shot
@@ -159,10 +160,10 @@ def test_protocols_read_from_metrics_and_missing_ones_say_so():
                                     "multi_query": {"mean_std": {"rank-1": [0.75, None], "mAP": [0.5, None]}}}}
     spec = {"title": "t", "metrics": ["rank1", "mAP"], "protocols": ["single_query", "multi_query", "multi_shot"],
             "runs": [{"model": "m"}]}
-    numbers = experiment.split_numbers(spec, metrics)
+    numbers = paper_tables.split_numbers(spec, metrics)
     assert numbers == {"single_query": {"rank1": 50.0, "mAP": 25.0}, "multi_query": {"rank1": 75.0, "mAP": 50.0},
                        "multi_shot": None}
-    table = experiment.results_table(spec, [(spec["runs"][0], [numbers])])
+    table = paper_tables.results_table(spec, [(spec["runs"][0], [numbers])])
     assert "| m | ours | 50.0 | 25.0 | 75.0 | 50.0 | not computed | not computed |" in table
 
 
@@ -171,7 +172,7 @@ def test_gallery_curve_table_and_its_required_folder(tmp_path, capsys):
            "paper_gallery_curve": {"0": {"rank1": 79.51, "mAP": 59.87}, "500000": {"rank1": 68.26, "mAP": 45.24}}}
     ours = [{"distractors": 0, "gallery_size": 100, "rank1": 0.5, "mAP": 0.25},
             {"distractors": 40, "gallery_size": 140, "rank1": 0.375, "mAP": 0.125}]
-    lines = experiment.gallery_curve_table([(run, ours), (dict(run, name="other"), None)]).splitlines()
+    lines = paper_tables.gallery_curve_table([(run, ours), (dict(run, name="other"), None)]).splitlines()
     assert "| model | source | +0 | +40 | +500,000 |" in lines
     assert "| iv | paper | 79.5 / 59.9 | – | 68.3 / 45.2 |" in lines
     assert "| iv | ours | 50.0 / 25.0 | 37.5 / 12.5 | – |" in lines
@@ -189,4 +190,4 @@ def test_bad_optional_keys_name_the_problem(tmp_path, line, message):
     path = tmp_path / "e.toml"
     path.write_text(SPEC.replace('metrics = ["rank1", "rank5"]', f'metrics = ["rank1", "rank5"]\n{line}'))
     with pytest.raises(ValueError, match=message):
-        experiment.load_experiment(str(path))
+        paper_tables.load_experiment(str(path))

@@ -7,21 +7,22 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reid_keras import export as export_lib
-from reid_keras import match
+from reid_keras.cli import export as export_cli
+from reid_keras.cli import match
+from reid_keras.models import saved_model as export_lib
 from reid_keras.io_utils import atomic_export_dir, atomic_save_keras, atomic_write_json
 from tests.fixtures.siamese_models import calibrated_siamese
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A calibrated 32x32 B0 siamese model, saved as .keras and exported through the CLI."""
+    """A calibrated 32x32 B0 siamese model, saved as .keras (outside a run folder) and exported through the CLI."""
     root = tmp_path_factory.mktemp("export")
     model = calibrated_siamese("softmax", seed=3)
     keras_path = str(root / "best.keras")
     atomic_save_keras(model, keras_path)
     out = str(root / "saved")
-    assert export_lib.main(["--model", keras_path, "--out", out]) == 0
+    assert export_cli.main(["--model", keras_path, "--out", out, "--family", "siamese"]) == 0
     loaded, metadata = export_lib.load_export(out)
     return model, keras_path, out, loaded, metadata
 
@@ -141,10 +142,10 @@ def test_prepare_images_caffe_mode_matches_numpy():
 
 def test_export_cli_bad_arguments(exported, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        export_lib.main(["--model", str(tmp_path / "missing.keras"), "--out", str(tmp_path / "o")])
+        export_cli.main(["--model", str(tmp_path / "missing.keras"), "--out", str(tmp_path / "o")])
     assert "missing.keras" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        export_lib.main(["--model", exported[1], "--out", str(tmp_path / "o"), "--preprocessing", "zscore"])
+        export_cli.main(["--model", exported[1], "--out", str(tmp_path / "o"), "--preprocessing", "zscore"])
     assert "zscore" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     with pytest.raises(ValueError, match=r"image_size \(16, 16\) differs from the input size \(32, 32\)"):
@@ -209,7 +210,7 @@ def test_load_model_reopens_a_run_model_in_a_fresh_process(tmp_path):
     x = np.arange(8, dtype="float32").reshape(2, 4) / 8
     expected = np.asarray(model([x, x[::-1]]))
     script = (f"import numpy as np; x = np.arange(8, dtype='float32').reshape(2, 4) / 8\n"
-              f"from reid_keras.models import load_model\nm = load_model({path!r})\n"
+              f"from reid_keras.families import load_model\nm = load_model({path!r})\n"
               f"np.save({str(tmp_path / 'out.npy')!r}, np.asarray(m([x, x[::-1]])))")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     plain = subprocess.run([sys.executable, "-c", f"import keras; keras.saving.load_model({path!r})"],

@@ -1,4 +1,4 @@
-"""Identification + verification model, presets and trainer task (issue 5 items 2, 7).
+"""Identification + verification model (models/idver.py), presets and trainer task (families/idver.py).
 
 Losses are checked against numpy written here from the model's own outputs. The ResNet-50 model is
 built once per module (64x32 inputs, random weights); variants use VGG16 at 32x32, which builds in
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reid_keras.models.idver import (LOSS_WEIGHTS, PairDistance, StepDecayByEpoch, build_idver, compile_idver,
-                                     has_verification_head, verification_view)
+from reid_keras.families.idver import PRESETS, IdVerTask, crop_size, idver_image_size
+from reid_keras.models.idver import (LOSS_WEIGHTS, PairDistance, build_idver, compile_idver, has_verification_head,
+                                     verification_view)
 from reid_keras.models.layers import SquareLayer
-from reid_keras.models.presets import get_preset
-from reid_keras.training.idver_task import IdVerTask, crop_size, idver_image_size
+from reid_keras.training.optimizers import StepDecayByEpoch, make_optimizer
 from tests.fixtures.siamese_models import calibrate_batchnorm
 from tests.fixtures.tiny_images import write_reid_set
 
@@ -107,7 +107,7 @@ def test_total_loss_is_half_id_a_plus_half_id_b_plus_verification(resnet_idver, 
     verif = nll(out["verification"], targets["verification"]).mean()
     assert min(id_a, id_b, verif) > 0.05
 
-    compile_idver(model, learning_rate=1e-3)
+    compile_idver(model, make_optimizer("sgd", 1e-3, momentum=0.9))
     result = model.evaluate((a, b), targets, batch_size=6, verbose=0, return_dict=True)
     assert result["loss"] == pytest.approx(0.5 * id_a + 0.5 * id_b + verif, rel=1e-5)
     assert result["id_a_loss"] == pytest.approx(id_a, rel=1e-5)
@@ -120,17 +120,17 @@ def test_total_loss_is_half_id_a_plus_half_id_b_plus_verification(resnet_idver, 
     def smoothed(p, y):
         return ((1 - eps) * nll(p, y) + eps * -np.log(p).mean(axis=1)).mean()
 
-    compile_idver(model, learning_rate=1e-3, label_smoothing=eps)
+    compile_idver(model, make_optimizer("sgd", 1e-3, momentum=0.9), label_smoothing=eps)
     result = model.evaluate((a, b), targets, batch_size=6, verbose=0, return_dict=True)
     want = 0.5 * smoothed(out["id_a"], targets["id_a"]) + 0.5 * smoothed(out["id_b"], targets["id_b"]) + verif
     assert result["loss"] == pytest.approx(want, rel=1e-5)
 
 
 def test_embedding_export_round_trip(resnet_idver, tmp_path):
-    from reid_keras.export import load_export
+    from reid_keras.models.saved_model import load_export
 
     model = resnet_idver
-    config = dict(get_preset("resnet50_idver"), image_size=SIZE, seed=0)
+    config = PRESETS["resnet50_idver"].recipe.replace(image_size=SIZE)
     IdVerTask(config).export(model, str(tmp_path / "export"))
     loaded, metadata = load_export(str(tmp_path / "export"))
     assert metadata["preprocessing"] == "caffe" and metadata["image_size"] == list(SIZE)
@@ -185,7 +185,7 @@ def test_contrastive_variant_distance_and_loss():
     assert d[0] < 1e-5 < d[1:].min()
 
     margin = 0.7
-    compile_idver(model, contrastive_margin=margin, optimizer="adam")
+    compile_idver(model, make_optimizer("adam"), contrastive_margin=margin)
     y = targets["distance"]
     contrastive = (y * d ** 2 + (1 - y) * np.maximum(margin - d, 0) ** 2).mean()
     want = 0.5 * nll(out["id_a"], targets["id_a"]).mean() + 0.5 * nll(out["id_b"], targets["id_b"]).mean() \
@@ -197,13 +197,12 @@ def test_contrastive_variant_distance_and_loss():
 
 
 def test_models_without_the_softmax_head_export_embed_only(tmp_path):
-    from reid_keras.export import load_export
+    from reid_keras.models.saved_model import load_export
 
     keras.utils.set_random_seed(4)
     model = build_idver(4, "vgg16", (32, 32), losses="verif", verif_loss="contrastive")
     assert list(model.output) == ["distance"]  # one (batch, 1) output, but not a pair probability
-    config = dict(get_preset("resnet50_verif"), backbone="vgg16", verif_loss="contrastive", image_size=(32, 32),
-                  seed=0)
+    config = PRESETS["resnet50_verif"].recipe.replace(backbone="vgg16", verif_loss="contrastive", image_size=(32, 32))
     IdVerTask(config).export(model, str(tmp_path / "export"))
     loaded, metadata = load_export(str(tmp_path / "export"))
     assert metadata["head"] is None and list(metadata["endpoints"]) == ["embed"] and not hasattr(loaded, "verify")
@@ -217,7 +216,7 @@ def test_models_without_the_softmax_head_export_embed_only(tmp_path):
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch():
     keras.utils.set_random_seed(3)
     model = build_idver(4, "resnet50", (32, 32), dropout=0.0)  # no dropout: the steps are deterministic
-    compile_idver(model, learning_rate=1e-3, optimizer="adam")
+    compile_idver(model, make_optimizer("adam", 1e-3))
     model.run_eagerly = True  # six eager steps cost less than tracing ResNet-50's backward graph
     a, b = caffe(pixels(8, 7, (32, 32))), caffe(pixels(8, 8, (32, 32)))
     targets = {"id_a": np.array([0, 1, 2, 3, 0, 1, 2, 3]), "id_b": np.array([0, 2, 2, 1, 3, 1, 0, 3]),
@@ -245,29 +244,32 @@ def test_presets_hold_the_paper_recipe():
 
     expected = {"resnet50_idver": ("resnet50", "id+verif", 75), "resnet50_id": ("resnet50", "id", 75),
                 "resnet50_verif": ("resnet50", "verif", 75), "vgg16_idver": ("vgg16", "id+verif", 65)}
+    from reid_keras.families import get_preset
+
     for name, (backbone, losses, epochs) in expected.items():
-        p = get_preset(name)
-        assert (p["family"], p["backbone"], p["losses"], p["epochs"]) == ("idver", backbone, losses, epochs)
-        assert (p["optimizer"], p["momentum"], p["learning_rate"], p["lr_drop_epochs"], p["lr_drop_factor"]) == \
+        family, preset = get_preset(name)
+        p = preset.recipe
+        assert (family.name, p.backbone, p.losses, p.epochs) == ("idver", backbone, losses, epochs)
+        assert (p.optimizer, p.momentum, p.learning_rate, p.lr_drop_epochs, p.lr_drop_factor) == \
             ("sgd", 0.9, 1e-3, 5, 0.1)
-        assert p["batch_size"] == 48 and p["pair_ratio"] == "idver" and p["preprocessing"] == "caffe"
-        assert p["loss_weights"] == {"id_a": 0.5, "id_b": 0.5, "verification": 1.0}
-        assert p["verif_loss"] == "crossentropy" and p["weights"] == "imagenet"
-        assert set(p["recipes"]) == {"default", "paper"} and p["recipes"]["paper"] == {}
-        task = IdVerTask(dict(p, seed=0))
+        assert p.batch_size == 48 and p.pair_ratio == "idver" and p.preprocessing == "caffe"
+        assert p.loss_weights == {"id_a": 0.5, "id_b": 0.5, "verification": 1.0}
+        assert p.verif_loss == "crossentropy" and p.weights == "imagenet"
+        assert preset.resolve("paper") == p  # the paper recipe is the preset's values unchanged
+        task = IdVerTask(p)
         assert task.image_size == (224, 224)
         assert task.augment().crop == (256, 256) and task.augment().flip  # §III-F 256 -> 224 crop + mirror
     assert PairRatioSchedule.idver().negatives_per_positive(200) == 4.0
-    person = dict(get_preset("resnet50_idver"), input_shape="person")
+    person = PRESETS["resnet50_idver"].recipe.replace(input_shape="person")
     assert idver_image_size(person) == (256, 128) and crop_size((256, 128), 256 / 224) == (293, 146)
     with pytest.raises(ValueError, match="input_shape 'person'.*image_size is 64x32"):
-        idver_image_size(dict(person, image_size=(64, 32)))
+        idver_image_size(person.replace(image_size=(64, 32)))
     with pytest.raises(ValueError, match="crop_scale must be > 1"):
         crop_size((64, 32), 0.8)
     with pytest.raises(ValueError, match="--losses 'both'.*id\\+verif, id, verif"):
-        IdVerTask(dict(person, losses="both"))
+        IdVerTask(person.replace(losses="both"))
     with pytest.raises(ValueError, match="--verif-loss 'hinge'"):
-        IdVerTask(dict(person, verif_loss="hinge"))
+        IdVerTask(person.replace(verif_loss="hinge"))
     with pytest.raises(ValueError, match="num_ids must be an integer >= 2"):
         build_idver(1, "vgg16", (32, 32))
 
@@ -277,9 +279,8 @@ def test_task_feeds_pairs_with_identities_and_trains(tmp_path):
     # 4 ids over 2 cameras; constant-colour images (tests/fixtures/tiny_images.py)
     records = write_reid_set(tmp_path / "train", [(0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 1), (2, 0, 1),
                                                   (2, 1, 2), (3, 0, 2), (3, 1, 2)])
-    config = get_preset("resnet50_idver")
-    config.update(config.pop("recipes")["default"])
-    config.update(weights="none", seed=0, image_size=SIZE, epochs=2, steps_per_epoch=2, batch_size=4, lr_drop_epochs=1)
+    config = PRESETS["resnet50_idver"].resolve("default").replace(
+        weights="none", image_size=SIZE, epochs=2, steps_per_epoch=2, batch_size=4, lr_drop_epochs=1)
     task = IdVerTask(config)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # weights none: no download attempt, no warning
@@ -300,4 +301,4 @@ def test_task_feeds_pairs_with_identities_and_trains(tmp_path):
     history = model.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
     assert np.isfinite(history.history["loss"][0]) and int(model.optimizer.iterations) == 2
     # lr_drop_epochs=1: the rate drops x0.1 for the last of the 2 epochs, which starts at step 2
-    assert float(model.optimizer.learning_rate) == pytest.approx(0.1 * config["learning_rate"])
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.1 * config.learning_rate)

@@ -5,8 +5,9 @@ import pathlib
 
 import pytest
 
-from reid_keras import experiment
-from reid_keras.train import build_parser, resolve_config
+from reid_keras import paper_tables
+from reid_keras.cli import experiment
+from reid_keras.cli.train import build_parser, config_from_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FILES = ["idver_table2_market1501", "idver_market1501_protocols", "idver_cuhk03", "idver_distractors",
@@ -18,12 +19,12 @@ RUN_IDENTITY = ("model", "dataset", "recipe", "weights", "dataset_options", "los
 
 
 def _spec(name):
-    return experiment.load_experiment(str(ROOT / "experiments" / f"{name}.toml"))
+    return paper_tables.load_experiment(str(ROOT / "experiments" / f"{name}.toml"))
 
 
 def _resolved(spec, run, smoke=False):
     argv = experiment.train_argv(spec, run, "/data/somewhere", "runs", smoke=smoke)
-    return resolve_config(build_parser().parse_args(argv))
+    return config_from_args(build_parser().parse_args(argv)).flat()
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -65,7 +66,7 @@ def test_resolved_configs_follow_the_paper_and_the_flags():
     assert contrastive["idver-market1501-resnet50_idver"]["verif_loss"] == "crossentropy"
     cuhk = _spec("idver_cuhk03")
     for run in cuhk["runs"]:
-        trainings = experiment.split_runs(cuhk, run)
+        trainings = paper_tables.split_runs(cuhk, run)
         assert [t["name"] for t in trainings] == [f"{run['name']}-split{i:02d}" for i in range(20)]
         for i, training in enumerate(trainings):
             assert _resolved(cuhk, training)["dataset_options"] == {"protocol": "classic", "box_type": "detected",
@@ -125,7 +126,7 @@ def test_paper_numbers_against_the_tables():
 
 def test_results_table_puts_paper_and_ours_side_by_side():
     spec = _spec("idver_contrastive")
-    table = experiment.results_table(spec, [(spec["runs"][0], [{None: {"rank1": 12.34, "mAP": 5.0}}]),
+    table = paper_tables.results_table(spec, [(spec["runs"][0], [{None: {"rank1": 12.34, "mAP": 5.0}}]),
                                             (spec["runs"][1], [])])
     lines = table.splitlines()
     assert "| idver-market1501-resnet50_idver | paper | 79.5 | 59.9 |" in lines
@@ -139,7 +140,7 @@ def test_cuhk03_ours_row_is_the_single_shot_protocol_of_table_iv():
     metrics = {"embedding_cosine": {"rank1": 0.9, "rank5": 0.95, "rank10": 0.97, "mAP": 0.8, "dataset_protocol": {
         "name": "CUHK03 classic single-shot", "mean_std": {"rank-1": [0.5, None], "rank-5": [0.75, None],
                                                             "rank-10": [0.875, None], "mAP": [0.625, None]}}}}
-    ours = experiment.our_numbers(metrics)
+    ours = paper_tables.our_numbers(metrics)
     spec = _spec("idver_cuhk03")
     assert {k: ours[k] for k in spec["metrics"]} == {"rank1": 50.0, "rank5": 75.0, "rank10": 87.5, "mAP": 62.5}
 

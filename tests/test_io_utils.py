@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from reid_keras.io_utils import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
-from reid_keras.training.callbacks import write_json_atomic
+from reid_keras.io_utils import write_json
 
 
 def _expected_mode() -> int:
@@ -103,5 +103,5 @@ def test_json_options(tmp_path):
 
 
 def test_training_json_writes_unknown_values_as_strings(tmp_path):
-    write_json_atomic(str(tmp_path / "metrics.json"), {"dtype": np.dtype("float32"), "loss": 0.5})
+    write_json(str(tmp_path / "metrics.json"), {"dtype": np.dtype("float32"), "loss": 0.5})
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"dtype": "float32", "loss": 0.5}

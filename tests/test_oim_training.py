@@ -14,9 +14,10 @@ import keras
 import numpy as np
 import pytest
 
-from reid_keras import experiment
+from reid_keras import paper_tables
+from reid_keras.cli import experiment
+from reid_keras.families.classifier import ClassifierRecipe, ClassifierTask
 from reid_keras.training.callbacks import TrainingStateBackup
-from reid_keras.training.classifier_task import ClassifierTask
 from tests.fixtures.tiny_images import write_reid_set
 
 SIZE = (32, 32)
@@ -36,11 +37,11 @@ def tiny_backbone(seed):
 
 
 def oim_task(seed):
-    config = {"family": "classifier", "backbone": tiny_backbone(seed), "weights": "none", "image_size": SIZE,
-              "preprocessing": "efficientnet", "losses": "oim", "feature_dim": 8, "oim_momentum": 0.5,
-              "oim_temperature": 0.1, "optimizer": "adam", "learning_rate": 1e-2, "sampler": "random",
-              "steps_per_epoch": STEPS, "seed": 0, "augment": None}
-    return ClassifierTask(config)
+    config = ClassifierRecipe(backbone=tiny_backbone(seed), weights="none", image_size=SIZE,
+                              preprocessing="efficientnet", losses="oim", feature_dim=8, oim_momentum=0.5,
+                              oim_temperature=0.1, optimizer="adam", learning_rate=1e-2, sampler="random",
+                              steps_per_epoch=STEPS, augment=None)
+    return ClassifierTask(config, seed=0)
 
 
 def table(model):
@@ -120,9 +121,9 @@ TABLE4 = {None: (59.3, 54.2), 128: (65.9, 62.1), 256: (78.7, 75.5), 512: (78.2, 
 
 
 def resolved(argv):
-    from reid_keras.train import build_parser, resolve_config
+    from reid_keras.cli.train import build_parser, config_from_args
 
-    return resolve_config(build_parser().parse_args(argv))
+    return config_from_args(build_parser().parse_args(argv)).flat()
 
 
 def check_dataset_options(spec, path):
@@ -136,7 +137,7 @@ def check_dataset_options(spec, path):
 @pytest.mark.parametrize("dataset", sorted(TABLE3))
 def test_table3_files_load_and_parse(dataset):
     path = EXPERIMENTS / f"oim_reid_{dataset}.toml"
-    spec = experiment.load_experiment(str(path))
+    spec = paper_tables.load_experiment(str(path))
     assert spec["dataset"] == dataset and spec["recipe"] == "paper" and spec["weights"] == "imagenet"
     assert "rank1" in spec["metrics"]
     assert {run["model"]: run["paper"]["rank1"] for run in spec["runs"]} == TABLE3[dataset]
@@ -153,14 +154,14 @@ def test_table3_files_load_and_parse(dataset):
         assert smoke["weights"] == "none" and smoke["image_size"] == (64, 32) and smoke["epochs"] == 1
     if dataset == "cuhk03":
         assert spec["dataset_options"] == {"protocol": "classic", "box_type": "labeled", "split_index": 0}
-    table = experiment.results_table(spec, [(run, None) for run in spec["runs"]])
+    table = paper_tables.results_table(spec, [(run, None) for run in spec["runs"]])
     oim_run = next(run for run in spec["runs"] if run["model"] == "resnet50_oim")
-    assert f"| {experiment.run_label(oim_run)} | paper | {TABLE3[dataset]['resnet50_oim']:.1f} |" in table
+    assert f"| {paper_tables.run_label(oim_run)} | paper | {TABLE3[dataset]['resnet50_oim']:.1f} |" in table
 
 
 def test_table4_file_sweeps_the_feature_dimension():
     path = EXPERIMENTS / "oim_feature_dim.toml"
-    spec = experiment.load_experiment(str(path))
+    spec = paper_tables.load_experiment(str(path))
     assert "CUHK-SYSU" in path.read_text(encoding="utf-8")    # the note that the paper's table is person search
     assert spec["metrics"] == ["rank1", "mAP"]
     check_dataset_options(spec, path)
@@ -176,7 +177,7 @@ def test_table4_file_sweeps_the_feature_dimension():
 def test_oim_experiment_run_folders_are_distinct():
     names = []
     for path in sorted(EXPERIMENTS.glob("oim_*.toml")):
-        names += [run.get("name", run["model"]) for run in experiment.load_experiment(str(path))["runs"]]
+        names += [run.get("name", run["model"]) for run in paper_tables.load_experiment(str(path))["runs"]]
     assert len(names) == 11 and len(set(names)) == len(names), names
 
 

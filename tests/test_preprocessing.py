@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reid_keras import export as export_lib
+from reid_keras.models import saved_model as export_lib
 from reid_keras.data.pipelines import image_dataset
 from reid_keras.data.datasets.base import ImageRecord
 from reid_keras.data.preprocessing import (PREPROCESSING_MODES, Preprocessing, check_preprocessing, preprocess,

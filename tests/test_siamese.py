@@ -19,9 +19,11 @@ from reid_keras.io_utils import atomic_save_keras
 from reid_keras.models import backbones
 from reid_keras.models.backbones import WeightsUnavailableWarning, build_backbone
 from reid_keras.models.layers import SquareLayer
-from reid_keras.models.presets import PRESETS, get_preset
+from reid_keras.families import get_preset, presets
+from reid_keras.families.siamese import PRESETS
 from reid_keras.models.siamese import (SAME_INDEX, build_siamese, compile_siamese, head_of, loss_and_metrics,
                                        same_probability)
+from reid_keras.training.optimizers import make_optimizer
 from tests.fixtures.siamese_models import IMAGE_SIZE, calibrate_batchnorm, calibrated_siamese, random_images
 
 # keras.applications' documented parameter counts for include_top=False (keras.io/api/applications)
@@ -96,7 +98,7 @@ def test_optimizer_steps_lower_the_loss_on_a_fixed_batch():
     for layer in model.get_layer("embedding").get_layer("efficientnetb0").layers:
         if isinstance(layer, keras.layers.Dropout):
             layer.rate = 0.0
-    compile_siamese(model, learning_rate=1e-4)  # the paper's RMSprop 1e-4
+    compile_siamese(model, make_optimizer("rmsprop", 1e-4))  # the paper's RMSprop 1e-4
     model.run_eagerly = True  # three steps: cheaper than tracing the train function
     a = random_images(6, seed=3)
     b = np.concatenate([a[:3], random_images(3, seed=4)])
@@ -152,19 +154,20 @@ def test_bad_arguments_give_clear_errors(tmp_path):
 def test_presets_hold_the_paper_recipe():
     from reid_keras.data.augment import AugmentConfig
 
-    assert sorted(k for k in PRESETS if k.startswith("siamese")) == [f"siamese_b{i}" for i in range(6)]
+    assert sorted(k for k in presets() if k.startswith("siamese")) == [f"siamese_b{i}" for i in range(6)]
     for i in range(6):
-        preset = get_preset(f"siamese_b{i}")
-        assert preset["backbone"] == f"efficientnetb{i}"
-        assert preset["image_size"] == (160, 80)
-        assert (preset["optimizer"], preset["learning_rate"], preset["batch_size"], preset["epochs"]) == \
+        family, entry = get_preset(f"siamese_b{i}")
+        preset = entry.resolve("paper")
+        assert family.name == "siamese" and preset.backbone == f"efficientnetb{i}"
+        assert preset.image_size == (160, 80)
+        assert (preset.optimizer, preset.learning_rate, preset.batch_size, preset.epochs) == \
             ("rmsprop", 1e-4, 48, 18)
-        assert preset["pair_ratio"] == 1.0 and preset["head"] == "softmax"
-        assert preset["preprocessing"] == "efficientnet" and 0 < preset["dropout"] < 1
-        assert AugmentConfig(**preset["augment"]) == AugmentConfig.efficientnet_paper()
-    copy = get_preset("siamese_b0")
-    copy["augment"]["flip"] = False
-    assert PRESETS["siamese_b0"]["augment"]["flip"] is True  # callers get a deep copy
+        assert preset.pair_ratio == 1.0 and preset.head == "softmax"
+        assert preset.preprocessing == "efficientnet" and 0 < preset.dropout < 1
+        assert preset.augment_config() == AugmentConfig.efficientnet_paper()
+    copy = get_preset("siamese_b0")[1].resolve("paper")
+    copy.augment["flip"] = False
+    assert PRESETS["siamese_b0"].recipe.augment["flip"] is True  # callers get a deep copy
 
 
 # --- weights: imagenet through Keras' cache, offline fallback, files and checkpoints ---------------
@@ -287,7 +290,7 @@ def test_keras_checkpoint_as_backbone_weights(siamese, tmp_path):
 
 def test_gradient_accumulation_equals_one_big_batch():
     """Two micro-batches of 2 pairs with accumulate_steps=2 make the same update as one batch of 4."""
-    from reid_keras.training.tasks import micro_batch_size
+    from reid_keras.training.optimizers import micro_batch_size
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(4, 6)).astype("float32"), rng.normal(size=(4, 6)).astype("float32")
@@ -301,8 +304,8 @@ def test_gradient_accumulation_equals_one_big_batch():
         return keras.Model([xa, xb], keras.layers.Dense(2, activation="softmax")(square))
 
     whole, micro = pair_model(), pair_model()
-    compile_siamese(whole, learning_rate=0.1, optimizer="sgd", jit_compile=False)
-    compile_siamese(micro, learning_rate=0.1, optimizer="sgd", jit_compile=False, accumulate_steps=2)
+    compile_siamese(whole, make_optimizer("sgd", 0.1), jit_compile=False)
+    compile_siamese(micro, make_optimizer("sgd", 0.1, accumulate_steps=2), jit_compile=False)
     whole.fit([a, b], same, batch_size=4, epochs=1, shuffle=False, verbose=0)
     micro.fit([a, b], same, batch_size=2, epochs=1, shuffle=False, verbose=0)
     for w, m in zip(whole.get_weights(), micro.get_weights()):
@@ -313,14 +316,14 @@ def test_gradient_accumulation_equals_one_big_batch():
     with pytest.raises(ValueError, match="--accumulate-steps 5 must be >= 1 and divide --batch-size 48"):
         micro_batch_size(48, 5)
     with pytest.raises(ValueError, match="accumulate_steps must be >= 1"):
-        compile_siamese(pair_model(), accumulate_steps=0)
+        compile_siamese(pair_model(), make_optimizer(accumulate_steps=0))
 
 
 @pytest.mark.parametrize("head", ["softmax", "sigmoid"])
 def test_verification_distance_is_the_heads_logit_in_closed_form(head):
     """-(logit same - logit different) from three matrix products equals the model's own output, up
     to the bias (a constant per model), for every query x gallery pair."""
-    from reid_keras.training.tasks import verification_distance
+    from reid_keras.families.siamese import verification_distance
 
     model = calibrated_siamese(head=head, seed=2, kernel_scale=1e-5)  # no saturated probabilities
     query, gallery = random_images(3, seed=5), random_images(4, seed=6)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from reid_keras import train
+from reid_keras.cli import train
 
 TINY = ["--model", "siamese_b0", "--weights", "none", "--steps-per-epoch", "2", "--batch-size", "4",
         "--image-size", "64x32", "--synthetic-ids", "12", "--seed", "3"]
@@ -112,6 +112,7 @@ def _all_layers(layer):
 def test_two_replica_mirrored_first_step_loss_equals_one_device():
     from reid_keras.models.siamese import build_siamese, compile_siamese
     from reid_keras.training.distribute import choose_strategy, synchronize_batch_norm
+    from reid_keras.training.optimizers import make_optimizer
 
     rng = np.random.default_rng(0)
     images_a = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
@@ -128,7 +129,7 @@ def test_two_replica_mirrored_first_step_loss_equals_one_device():
             for layer in _all_layers(model):
                 if isinstance(layer, keras.layers.Dropout):
                     layer.rate = 0.0
-            compile_siamese(model, learning_rate=1e-4, jit_compile=False)
+            compile_siamese(model, make_optimizer("rmsprop", 1e-4), jit_compile=False)
         data = tf.data.Dataset.from_tensor_slices(((images_a, images_b), same)).batch(8)
         history = model.fit(data, epochs=1, verbose=0, shuffle=False)
         return strategy.num_replicas_in_sync, history.history["loss"][0]
@@ -144,11 +145,11 @@ def test_two_replica_mirrored_first_step_loss_equals_one_device():
 def test_identity_warmup_trains_the_shared_embedding_only_without_pretrained_weights():
     from reid_keras.training.warmup import build_identity_classifier, needs_warmup
 
-    assert needs_warmup({"id_warmup_steps": 5}, {"used": "none"}) == 5
-    assert needs_warmup({"id_warmup_steps": 5}, {"used": "imagenet"}) == 0
-    assert needs_warmup({"id_warmup_steps": 0}, {"used": "none"}) == 0
+    assert needs_warmup(5, {"used": "none"}) == 5
+    assert needs_warmup(5, {"used": "imagenet"}) == 0
+    assert needs_warmup(0, {"used": "none"}) == 0
     with pytest.raises(ValueError, match="id_warmup_steps must be >= 0"):
-        needs_warmup({"id_warmup_steps": -1}, {"used": "none"})
+        needs_warmup(-1, {"used": "none"})
 
     image = keras.Input((8, 4, 3))
     embedding = keras.Model(image, keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(5, 3)(image)),

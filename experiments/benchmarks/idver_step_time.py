@@ -26,15 +26,13 @@ NUM_IDS = 751
 def _model(preset: str, image_size):
     import keras
 
-    from reid_keras.models.idver import build_idver, compile_idver
-    from reid_keras.models.presets import get_preset
+    from reid_keras.families import get_preset
 
-    p = get_preset(preset)
+    family, preset = get_preset(preset)
+    task = family.task(preset.resolve("paper").replace(image_size=image_size, weights="none", lr_drop_epochs=0))
     keras.utils.set_random_seed(0)
-    model = build_idver(NUM_IDS, p["backbone"], image_size, weights=None, losses=p["losses"],
-                        verif_loss=p["verif_loss"], dropout=p["dropout"])
-    return compile_idver(model, learning_rate=p["learning_rate"], optimizer=p["optimizer"], momentum=p["momentum"],
-                         weight_decay=p["weight_decay"], loss_weights=p["loss_weights"])
+    model, _ = task.build(NUM_IDS)  # the paper's SGD recipe, without the epoch-based rate drop
+    return model
 
 
 def main() -> int:

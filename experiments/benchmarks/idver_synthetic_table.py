@@ -60,9 +60,10 @@ def colour_baseline(config: dict) -> dict:
     """Colour histograms (stripes x HSV) ranked by cosine on the run's own query / gallery split."""
     from reid_keras.baselines import colour_histogram_features
     from reid_keras.metrics import evaluate_ranking
+    from reid_keras.families.config import config_from_json
     from reid_keras.training.runner import load_training_data
 
-    dataset = load_training_data(dict(config, resume=False))
+    dataset = load_training_data(config_from_json(dict(config, resume=False)))
     size = tuple(config["image_size"])
     started = time.time()
     hq = colour_histogram_features([r.path for r in dataset.query], size=size)
@@ -72,12 +73,13 @@ def colour_baseline(config: dict) -> dict:
     result = evaluate_ranking(query_features=hq, gallery_features=hg, metric="cosine", **ids)
     row = {"model": "colour histogram (stripes x HSV), no training", "rank1": float(result["cmc"][0]),
            "mAP": float(result["mAP"]), "train_seconds": 0.0}
-    if dataset.multi_query:  # the same mean pooling as reid_keras.evaluate
+    boxes = dataset.protocol("multi_query")
+    if boxes is not None:  # the same mean pooling as the evaluation's multi-query protocol
         from reid_keras.metrics import pool_multi_query
 
-        hm = colour_histogram_features([r.path for r in dataset.multi_query], size=size)
-        pooled, _ = pool_multi_query(ids["query_pids"], ids["query_cams"], hq, [r.pid for r in dataset.multi_query],
-                                     [r.camid for r in dataset.multi_query], hm)
+        hm = colour_histogram_features([r.path for r in boxes.records], size=size)
+        pooled, _ = pool_multi_query(ids["query_pids"], ids["query_cams"], hq, [r.pid for r in boxes.records],
+                                     [r.camid for r in boxes.records], hm)
         mq = evaluate_ranking(query_features=pooled, gallery_features=hg, metric="cosine", **ids)
         row.update(mq_rank1=float(mq["cmc"][0]), mq_mAP=float(mq["mAP"]))
     return dict(row, wall=time.time() - started)

@@ -50,16 +50,16 @@ def main() -> int:
 
     from reid_keras.baselines import colour_histogram_features
     from reid_keras.metrics import evaluate_ranking
+    from reid_keras.families.config import config_from_json
     from reid_keras.training.runner import load_training_data
-    from reid_keras.training.tasks import SiameseTask
 
-    config = dict(config, resume=False)
-    dataset = load_training_data(config)
+    run = config_from_json(dict(config, resume=False))
+    dataset = load_training_data(run)
     labels = dict(query_pids=[r.pid for r in dataset.query], gallery_pids=[r.pid for r in dataset.gallery],
                   query_cams=[r.camid for r in dataset.query], gallery_cams=[r.camid for r in dataset.gallery])
 
     keras.utils.set_random_seed(config["seed"])
-    task = SiameseTask(config)
+    task = run.task()
     untrained, _ = task.build(num_train_ids=dataset.num_train_ids)
     embedding = untrained.get_layer("embedding")
     q, g = (task._raw_features(embedding, getattr(dataset, s)) for s in ("query", "gallery"))

@@ -43,15 +43,15 @@ MODELS = ("resnet50_oim", "resnet50_softmax")
 LABELS = {"resnet50_oim": "OIM", "resnet50_softmax": "Softmax"}
 
 
-def run_config(model: str, args, work: str) -> dict:
-    """The config `python -m reid_keras.train` would resolve for this run (same flags for both models)."""
-    from reid_keras.train import build_parser, resolve_config
+def run_config(model: str, args, work: str):
+    """The RunConfig `python -m reid_keras.train` would resolve for this run (same flags for both models)."""
+    from reid_keras.cli.train import build_parser, config_from_args
 
     argv = ["--model", model, "--weights", "none", "--steps-per-epoch", str(args.eval_every),
             "--epochs", str(args.steps // args.eval_every), "--batch-size", str(args.batch_size),
             "--synthetic-ids", str(args.synthetic_ids), "--seed", str(args.seed),
             "--data-root", os.path.join(work, "data"), "--output", os.path.join(work, "runs")]
-    return resolve_config(build_parser().parse_args(argv))
+    return config_from_args(build_parser().parse_args(argv))
 
 
 def embed(forward, records, image_size, preprocessing) -> np.ndarray:
@@ -116,11 +116,10 @@ class ConvergenceLog(keras.callbacks.Callback):
 
 
 def train_one(model_name: str, dataset, args, work: str) -> dict:
-    from reid_keras.training.classifier_task import ClassifierTask
-
-    config = run_config(model_name, args, work)
+    run = run_config(model_name, args, work)
+    config = run.flat()
     keras.utils.set_random_seed(config["seed"])
-    task = ClassifierTask(config)
+    task = run.task()
     model, _ = task.build(num_train_ids=dataset.num_train_ids)
     train_data, steps = task.train_dataset(dataset.train, initial_epoch=0, epochs=config["epochs"],
                                            global_batch=config["batch_size"])
@@ -206,12 +205,11 @@ def main(argv=None) -> int:
     if not args.out.lower().endswith(".png"):
         parser.error(f"--out {args.out!r} must end in .png")
     work = args.work or tempfile.mkdtemp(prefix="oim_convergence_")
-    from reid_keras.training.runner import load_training_data
+    from reid_keras.data.datasets import load_dataset
 
     started = time.time()
     try:
-        dataset = load_training_data({"dataset": "synthetic", "data_root": os.path.join(work, "data"),
-                                      "synthetic_ids": args.synthetic_ids})
+        dataset = load_dataset("synthetic", os.path.join(work, "data"), num_ids=args.synthetic_ids)
         print(f"synthetic market1501 layout: train {dataset.num_train_ids} ids / {len(dataset.train)} images, "
               f"held-out query {len(dataset.query)}, gallery {len(dataset.gallery)}", flush=True)
         results = {name: train_one(name, dataset, args, work) for name in MODELS}

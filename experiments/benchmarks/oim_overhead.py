@@ -33,7 +33,6 @@ import tensorflow as tf  # noqa: E402
 
 from machine import describe_machine  # noqa: E402  (experiments/benchmarks/machine.py)
 from reid_keras.losses import OIMLoss, oim_loss  # noqa: E402
-from reid_keras.models.layers import L2Normalize  # noqa: E402
 from reid_keras.models.oim import UNLABELED, OIMMemory  # noqa: E402
 
 NUM_IDS, QUEUE, DIM, BATCH = 5532, 5000, 256, 64
@@ -64,7 +63,7 @@ def resnet_models(image_size):
     labels = keras.Input((), dtype="int32", name="labels")
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=image_size + (3,),
                                            pooling="avg")
-    features = L2Normalize()(keras.layers.Dense(DIM, name="projection")(backbone(images)))
+    features = keras.layers.UnitNormalization()(keras.layers.Dense(DIM, name="projection")(backbone(images)))
     baseline = keras.Model(images, features)
     baseline.compile(optimizer=keras.optimizers.SGD(1e-3), loss="mse", jit_compile=False)
     oim = OIMMemory(NUM_IDS, QUEUE, DIM, name="oim")

@@ -49,10 +49,11 @@ def _model(accumulate: int = 1):
     import keras
 
     from reid_keras.models.siamese import build_siamese, compile_siamese
+    from reid_keras.training.optimizers import make_optimizer
 
     keras.utils.set_random_seed(0)
     model = build_siamese("efficientnetb0", IMAGE_SIZE, weights=None)
-    return compile_siamese(model, learning_rate=1e-4, jit_compile=False, accumulate_steps=accumulate)
+    return compile_siamese(model, make_optimizer("rmsprop", 1e-4, accumulate_steps=accumulate), jit_compile=False)
 
 
 def _timed_fit(model, data, steps: int) -> float:
@@ -86,11 +87,11 @@ def child_export(work: str, steps: int) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from reid_keras.export import export_model
+    from reid_keras.models.saved_model import export_model
 
     model = _model()
     export_dir = os.path.join(work, "export")
-    export_model(model, export_dir, image_size=IMAGE_SIZE, preprocessing="efficientnet")
+    export_model(model, export_dir, image_size=IMAGE_SIZE, preprocessing="efficientnet", verifier=model)
     served = tf.saved_model.load(export_dir)
     embedding = model.get_layer("embedding")
     rng = np.random.default_rng(0)

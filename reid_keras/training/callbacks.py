@@ -16,12 +16,7 @@ import os
 
 import keras
 
-from reid_keras.io_utils import atomic_save_keras, atomic_write, atomic_write_json
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    """Atomic JSON for run files; values JSON lacks (paths, dtypes) are written as strings."""
-    atomic_write_json(path, payload, default=str)
+from reid_keras.io_utils import atomic_save_keras, atomic_write, write_json
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
@@ -50,7 +45,7 @@ class AtomicCheckpoint(keras.callbacks.Callback):
             if value is not None:
                 self.best = float(value)
             atomic_save_keras(self.model, os.path.join(self.folder, "best.keras"))
-            write_json_atomic(os.path.join(self.folder, "best.json"),
+            write_json(os.path.join(self.folder, "best.json"),
                               {"epoch": epoch + 1, "monitor": self.monitor, "value": value})
 
 
@@ -90,7 +85,7 @@ class TrainingStateBackup(keras.callbacks.Callback):
 
     def _save(self, completed_epochs: int, batch: int) -> None:
         atomic_write(self.weights_path, lambda tmp: self.model.save_weights(tmp, overwrite=True))
-        write_json_atomic(self.state_path, {"completed_epochs": completed_epochs, "batch": batch})
+        write_json(self.state_path, {"completed_epochs": completed_epochs, "batch": batch})
 
     @staticmethod
     def load_state(folder: str, model: keras.Model) -> int:

@@ -9,49 +9,47 @@ import datetime as _dt
 import json
 import os
 
-from reid_keras.io_utils import atomic_write_json
+from reid_keras.io_utils import write_json
 
-# Config keys that may change between a run and its resumption without invalidating the state.
-RESUMABLE_CHANGES = {"epochs", "resume", "output", "verbose", "devices", "eval_only"}
+FINAL_MODEL = "last.keras"  # the model a run evaluates and exports (best.keras: lowest training loss)
 
 
 def run_name(model: str, dataset: str) -> str:
     return f"{model}-{dataset}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_folder(output: str, name: str | None, config: dict, resume: bool) -> str:
-    """Create (or, with `resume`, reopen) the run folder and write config.json.
+def prepare_run_folder(config, name: str | None) -> str:
+    """Create (or, with `config.resume`, reopen) the run folder of `config` (a `families.config.RunConfig`)
+    and write its config.json.
 
     Raises:
         FileExistsError when the folder exists and `resume` is not set;
         FileNotFoundError when `resume` names a folder without config.json;
         ValueError when a resumed run's config differs in a key that changes the model or data.
     """
-    folder = os.path.join(output, name) if name else None
-    if resume:
-        folder = folder or _latest_run(output, config["model"])
+    folder = os.path.join(config.output, name) if name else None
+    content = config.to_json()
+    if config.resume:
+        folder = folder or _latest_run(config.output, config.model)
         config_path = os.path.join(folder, "config.json")
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"--resume: no config.json in {folder}: nothing to resume")
         with open(config_path, encoding="utf-8") as handle:
             previous = json.load(handle)
-        config = json.loads(json.dumps(config, default=str))  # tuples -> lists, as stored
-        changed = {k for k in set(previous) | set(config)
-                   if k not in RESUMABLE_CHANGES and previous.get(k) != config.get(k)
-                   and not k.startswith("runtime_")}
+        changed = config.changes_from(previous)
         if changed:
-            rows = ", ".join(f"{k}: {previous.get(k)!r} -> {config.get(k)!r}" for k in sorted(changed))
+            rows = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(f"--resume {folder}: the configuration differs from the interrupted run ({rows}); "
                              "start a new run instead or pass the same arguments")
         # Facts of the interrupted part (e.g. its identity warm-up) stay; this part updates the rest.
-        config = {**{k: v for k, v in previous.items() if k.startswith("runtime_")}, **config}
+        content = {**{k: v for k, v in previous.items() if k.startswith("runtime_")}, **content}
     else:
-        folder = folder or os.path.join(output, run_name(config["model"], config["dataset"]))
+        folder = folder or os.path.join(config.output, run_name(config.model, config.dataset))
         if os.path.exists(os.path.join(folder, "config.json")):
             raise FileExistsError(f"run folder {folder} already holds a run: pass --resume to continue it "
                                   "or another --name")
     os.makedirs(folder, exist_ok=True)
-    atomic_write_json(os.path.join(folder, "config.json"), config, default=str)
+    write_json(os.path.join(folder, "config.json"), content)
     return folder
 
 
@@ -71,5 +69,5 @@ def update_config(folder: str, **values) -> dict:
     with open(path, encoding="utf-8") as handle:
         config = json.load(handle)
     config.update(values)
-    atomic_write_json(path, config, default=str)
+    write_json(path, config)
     return config

@@ -24,9 +24,9 @@ from keras import layers
 WARMUP_P, WARMUP_K = 16, 4
 
 
-def needs_warmup(config: dict, weights_info: dict) -> int:
-    """Steps of identity warm-up this run should do (0 when the backbone is pretrained)."""
-    steps = int(config.get("id_warmup_steps") or 0)
+def needs_warmup(steps: int, weights_info: dict) -> int:
+    """Steps of identity warm-up this run should do: `steps`, or 0 when the backbone is pretrained."""
+    steps = int(steps or 0)
     if steps < 0:
         raise ValueError(f"id_warmup_steps must be >= 0, got {steps}")
     return steps if weights_info.get("used") == "none" else 0
@@ -42,27 +42,26 @@ def build_identity_classifier(embedding: keras.Model, num_ids: int, dropout: flo
     return keras.Model(image, probs, name="identity_warmup")
 
 
-def identity_warmup(model: keras.Model, records, num_ids: int, config: dict, steps: int, strategy,
+def identity_warmup(model: keras.Model, records, num_ids: int, recipe, seed: int, steps: int, strategy,
                     verbose="auto") -> dict:
     """Train `model`'s "embedding" sub-model for `steps` P x K steps as an identity classifier.
 
     The classifier shares the embedding's variables, so the siamese model is warmed up in place.
-    Returns a summary for config.json: steps, seconds, and the last batch's loss and accuracy.
+    `recipe` supplies the image size, preprocessing, augmentation, dropout, `id_warmup_lr` and
+    `jit_compile`. Returns a summary for config.json: steps, seconds, and the last batch's loss and accuracy.
     """
-    from reid_keras.data.augment import AugmentConfig
     from reid_keras.data.pipelines import pk_dataset
 
+    from reid_keras.training.optimizers import make_optimizer
+
     embedding = model.get_layer("embedding")
-    image_size = tuple(config["image_size"])
     with strategy.scope():
-        classifier = build_identity_classifier(embedding, num_ids, dropout=config.get("dropout", 0.2))
-        classifier.compile(keras.optimizers.Adam(config.get("id_warmup_lr", 1e-3)),
-                           loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                           jit_compile=config.get("jit_compile", False))
-    augment = AugmentConfig(**config["augment"]) if config.get("augment") else None
+        classifier = build_identity_classifier(embedding, num_ids, dropout=recipe.dropout)
+        classifier.compile(make_optimizer("adam", recipe.id_warmup_lr), loss="sparse_categorical_crossentropy",
+                           metrics=["accuracy"], jit_compile=recipe.jit_compile)
     P = min(WARMUP_P, num_ids)  # small datasets: every identity in each batch
-    data = pk_dataset(records, P, WARMUP_K, image_size, preprocess=config["preprocessing"],
-                      augment=augment, seed=config["seed"] + 7919, batches_per_epoch=steps)
+    data = pk_dataset(records, P, WARMUP_K, recipe.image_size, preprocess=recipe.preprocessing,
+                      augment=recipe.augment_config(), seed=seed + 7919, batches_per_epoch=steps)
     print(f"identity warm-up: {steps} steps of {P} ids x {WARMUP_K} images over {num_ids} training ids "
           "(backbone has no pretrained weights)", flush=True)
     started = time.time()

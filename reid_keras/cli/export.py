@@ -1,0 +1,68 @@
+"""`python -m reid_keras.export --model runs/x/last.keras --out runs/x/export`: a SavedModel for serving.
+
+`embed` takes raw uint8 images of any size and returns L2-normalised features; pair models (the
+siamese and ID+verification families with a verification head) also get `verify`, P(same person).
+The model's family is read from the run's config.json beside it (`--family` for a file outside a run
+folder); the preprocessing likewise, else from the backbone's name.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _default_preprocessing(model_path: str, model) -> str:
+    from reid_keras.models.backbones import BACKBONE_PREPROCESSING
+    from reid_keras.models.loading import run_config_beside
+    from reid_keras.models.saved_model import PREPROCESSING, ExportError
+
+    value = run_config_beside(model_path).get("preprocessing")
+    if isinstance(value, str):
+        return value
+    # The backbone sub-model keeps its keras.applications name (efficientnetb0, resnet50, vgg16).
+    for layer in model.get_layer("embedding").layers:
+        for backbone, preprocessing in BACKBONE_PREPROCESSING.items():
+            if layer.name.startswith(backbone):
+                return preprocessing
+    raise ExportError(f"cannot tell the preprocessing of {model_path!r} (no run config.json beside it and no "
+                      f"known backbone): pass --preprocessing, one of {', '.join(PREPROCESSING)}")
+
+
+def main(argv=None) -> int:
+    from reid_keras.families import families, get_family, register_serializables
+    from reid_keras.models.loading import run_config_beside
+    from reid_keras.models.saved_model import PREPROCESSING, ExportError, export_model, read_metadata
+
+    parser = argparse.ArgumentParser(prog="python -m reid_keras.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="trained model, a .keras file")
+    parser.add_argument("--out", required=True, help="destination SavedModel folder (replaced atomically)")
+    parser.add_argument("--family", choices=sorted(families()), default=None,
+                        help="the model's family (default: the run's config.json beside --model)")
+    parser.add_argument("--preprocessing", choices=PREPROCESSING,
+                        help="backbone preprocessing (default: the run's config.json, else the backbone's)")
+    args = parser.parse_args(argv)
+    if not args.model.endswith(".keras") or not os.path.isfile(args.model):
+        parser.error(f"--model {args.model!r}: expected an existing .keras file")
+    family_name = args.family or run_config_beside(args.model).get("family")
+    if not family_name:
+        parser.error(f"--model {args.model!r} is not in a run folder (no config.json beside it): pass --family, one "
+                     f"of {', '.join(sorted(families()))}")
+    import keras
+
+    family = get_family(family_name)
+    register_serializables()
+    try:
+        model = keras.saving.load_model(args.model, safe_mode=True, compile=False)
+    except Exception as err:  # Keras raises many types for a bad file
+        parser.error(f"--model {args.model!r}: cannot load with safe_mode=True ({type(err).__name__}: {err})")
+    try:
+        preprocessing = args.preprocessing or _default_preprocessing(args.model, model)
+        export_model(model, args.out, preprocessing=preprocessing, verifier=family.task.verifier(model))
+    except ExportError as err:
+        parser.error(str(err))
+    meta = read_metadata(args.out)
+    print(f"exported {args.model} -> {args.out} (image_size {meta['image_size'][0]}x{meta['image_size'][1]}, "
+          f"preprocessing {meta['preprocessing']}, {meta['feature_dim']}-d features, "
+          f"{'embed only' if meta['head'] is None else meta['head'] + ' head'})")
+    return 0
