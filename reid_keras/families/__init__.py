@@ -20,12 +20,16 @@ def families() -> dict:
     return found
 
 
+def _lookup(table: dict, name: str, what: str, names):
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(names)}")
+    return table[name]
+
+
 def get_family(name: str):
     """The `Family` called `name` (ValueError listing the known ones otherwise)."""
     known = families()
-    if name not in known:
-        raise ValueError(f"unknown model family {name!r}: known families are {', '.join(known)}")
-    return known[name]
+    return _lookup(known, name, "model family", known)
 
 
 def presets() -> dict:
@@ -42,9 +46,7 @@ def presets() -> dict:
 def get_preset(name: str):
     """`(Family, Preset)` of preset `name` (ValueError listing the known presets otherwise)."""
     known = presets()
-    if name not in known:
-        raise ValueError(f"unknown preset {name!r}: known presets are {', '.join(sorted(known))}")
-    return known[name]
+    return _lookup(known, name, "preset", sorted(known))
 
 
 def register_serializables() -> None:

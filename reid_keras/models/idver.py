@@ -226,15 +226,6 @@ def verification_view(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, model.output[VERIFICATION], name=model.name)
 
 
-def embedding_view(model: keras.Model) -> keras.Model:
-    """A one-image model sharing `model`'s "embedding" sub-model: what to export (embed only) for
-    variants without the softmax verification head. A contrastive "verif" model's single (batch, 1)
-    distance output would otherwise look like a sigmoid pair-probability head to the exporter."""
-    embedding = model.get_layer("embedding")
-    image = keras.Input(tuple(embedding.inputs[0].shape[1:]), name="image")
-    return keras.Model(image, embedding(image), name=model.name)
-
-
 __all__ = ["build_idver", "compile_idver", "losses_and_metrics", "loss_weights_for",
-           "verification_view", "embedding_view", "has_verification_head", "output_names", "PairDistance",
+           "verification_view", "has_verification_head", "output_names", "PairDistance",
            "LOSSES", "VERIF_LOSSES", "LOSS_WEIGHTS", "DEFAULT_DROPOUT"]

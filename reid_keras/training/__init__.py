@@ -1,1 +1,1 @@
-"""Pieces of the training CLI (`python -m reid_keras.train`): run folders, callbacks, strategy."""
+"""Training: the runner of one run, the optimizer and schedule factory, callbacks, run folders, strategies."""
