@@ -8,7 +8,7 @@ Here, for each model and image:
     map = normalise_0..1( bilinear_resize( sum_c relu(F[:, :, c]), image size ) )
 
 where F is the feature map of the chosen layer for the image resized and normalised exactly as the
-training pipeline does it (`data.pipelines.decode_image`, bilinear resize, `data.preprocessing`).
+training pipeline does it (`data.decoding.decode_image`, bilinear resize, `data.preprocessing`).
 Default layers: ResNet-50 `conv4_block6_out`; EfficientNet `block6a_expand_activation` (the last
 stride-16 activation, present in B0...B5, before block6a's stride-2 depthwise convolution); VGG16
 `block5_conv3` (14x14 at 224x224, like res4fx); CaffeNet `relu5` (conv5's activations, 13x13 at
@@ -202,7 +202,7 @@ def read_image(path: str, size: Sequence[int]) -> np.ndarray:
     """(H, W, 3) float32 RGB 0..255 of image file `path`, decoded and resized as in training."""
     import tensorflow as tf  # the training pipeline's decoder and resize, so the pixels match
 
-    from reid_keras.data.pipelines import decode_image
+    from reid_keras.data.decoding import decode_image
 
     check_image(path)
     try:

@@ -8,50 +8,25 @@ Undecodable files (empty, truncated, not an image) never end an epoch: each stre
 `ignore_errors(log_warning=True)` right after decoding, so a bad element is dropped and TensorFlow
 logs a warning (shown unless TF_CPP_MIN_LOG_LEVEL >= 2). Empty and unknown-format files are caught
 by an in-graph check whose message names the file. `validate_records` does a full decode pass up
-front and returns the good records plus a counted `SkipReport`.
+front and returns the good records plus a counted `SkipReport` (both in `decoding.py`).
 """
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import tensorflow as tf
 
 from reid_keras.data.augment import AugmentConfig, as_hw, augment_image
-from reid_keras.data.datasets.base import ImageRecord, SkipReport
+from reid_keras.data.datasets.base import ImageRecord
+# Re-exported: callers and tests name the decoder through this module.
+from reid_keras.data.decoding import decode_image, validate_records  # noqa: F401
 # Re-exported: callers and tests name the normalisation through this module.
 from reid_keras.data.preprocessing import Preprocessing, preprocessing_for  # noqa: F401
 from reid_keras.data.samplers import PairRatioSchedule, PairSampler, PKSampler
 
 logger = logging.getLogger(__name__)
 AUTOTUNE = tf.data.AUTOTUNE
-_PNG = b"\x89PNG\r\n\x1a\n"
-# Formats tf.io.decode_image reads, by leading bytes: JPEG, PNG, GIF, BMP, WebP (RIFF).
-_MAGICS = (b"\xff\xd8\xff", _PNG, b"GIF8", b"BM", b"RIFF")
-
-
-def decode_image(contents, path=""):
-    """Encoded bytes -> (h, w, 3) float32 RGB in [0, 255].
-
-    Gray is repeated to RGB; alpha is dropped (as PIL's `convert("RGB")` does). 16-bit PNGs are
-    scaled by 255/65535: TensorFlow's own uint8 path truncates them (`v >> 8`, so 65280 -> 255
-    and 255 -> 0), hence PNGs are decoded as uint16 (8-bit ones arrive as v * 257) and divided by 257.
-    """
-    head = tf.strings.substr(contents, 0, 4)
-    known = tf.reduce_any(tf.stack([tf.strings.substr(contents, 0, len(m)) == m for m in _MAGICS]))
-    tf.debugging.Assert(known, ["not a decodable image (empty file or unknown format):", path, head])
-    is_png = tf.strings.substr(contents, 0, len(_PNG)) == _PNG
-
-    def png():
-        return tf.cast(tf.io.decode_png(contents, channels=3, dtype=tf.uint16), tf.float32) / 257.0
-
-    def other():
-        return tf.cast(tf.io.decode_image(contents, channels=3, expand_animations=False), tf.float32)
-
-    return tf.ensure_shape(tf.cond(is_png, png, other), [None, None, 3])
-
-
 class _Loader:
     """path (+ element seed) -> normalised (H, W, 3) float32 image."""
 
@@ -190,33 +165,3 @@ def pk_dataset(records, P, K, image_size, preprocess="efficientnet", augment=Non
     ds = tf.data.Dataset.from_tensor_slices(batches.astype(np.int32))
     ds = _with_seeds(ds, seed).map(load, num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True)
     return ds.prefetch(AUTOTUNE)
-
-
-def validate_records(records, batch_size: int = 256) -> tuple[list, SkipReport]:
-    """Fully decode every record once; return the decodable records and a SkipReport of the rest.
-
-    Cheap header probes (the loaders') miss truncated or corrupt bodies; run this once before a
-    long training run to have them counted and named instead of dropped mid-epoch.
-    """
-    records = _records(records)
-    report = SkipReport()
-    candidates = []
-    for i, r in enumerate(records):
-        if not os.path.isfile(r.path):
-            report.add("missing file", r.path)
-        elif os.path.getsize(r.path) == 0:
-            report.add("empty file (0 bytes)", r.path)
-        else:
-            candidates.append(i)
-    decoded = set()
-    if candidates:
-        paths = tf.constant([records[i].path for i in candidates])
-        ds = tf.data.Dataset.range(len(candidates)).map(
-            lambda i: (tf.shape(decode_image(tf.io.read_file(paths[i]), paths[i]))[0], i),
-            num_parallel_calls=AUTOTUNE)
-        for _, idx in ds.ignore_errors().batch(batch_size):
-            decoded.update(candidates[int(j)] for j in idx.numpy())
-    for i in candidates:
-        if i not in decoded:
-            report.add("not decodable (truncated, corrupt or not an image)", records[i].path)
-    return [r for i, r in enumerate(records) if i in decoded], report
