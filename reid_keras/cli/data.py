@@ -1,7 +1,10 @@
-"""`python -m reid_keras.data`: write synthetic data (`synth`) or describe a dataset (`info`).
+"""`python -m reid_keras.data`: write synthetic data (`synth`) or describe and check a dataset (`info`).
 
     python -m reid_keras.data synth --layout market1501 --out data/synth --ids 200
     python -m reid_keras.data info --dataset cuhk03 --data-root data/cuhk03 --dataset-option box_type=detected
+
+`info` decodes every image once (`reid_keras.data.decoding.drop_damaged`, remembered per file so a
+second call is quick) and counts damaged files among the skips, with the first few names.
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_arguments(info)
     info.add_argument("--no-strict", action="store_true",
                       help="do not compare counts with the published ones (custom subsets)")
+    info.add_argument("--no-decode-check", action="store_true",
+                      help="only the quick header/trailer probe of each file, no full decode check")
     return parser
 
 
@@ -48,9 +53,17 @@ def main(argv=None) -> int:
     from reid_keras.data.datasets import DATASET_NAMES, load_dataset, parse_options
     from reid_keras.data.datasets.base import DatasetCountError, DatasetLayoutError
 
+    checked = ""
     try:
         dataset = load_dataset(args.dataset, args.data_root, strict=False if args.no_strict else None,
                                **parse_options(args.dataset_option))
+        if not args.no_decode_check:
+            from reid_keras.data.decoding import drop_damaged
+
+            images = len(dataset.train) + len(dataset.query) + len(dataset.gallery)
+            dataset, damaged = drop_damaged(dataset)
+            checked = (f"decode check: {images} image(s) decoded, {damaged.total} damaged "
+                       "(counted among the skips above)")
     # OSError: unreadable folders or files (permissions), reported like layout errors.
     except (DatasetLayoutError, DatasetCountError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -58,4 +71,6 @@ def main(argv=None) -> int:
             print(f"known datasets: {', '.join(DATASET_NAMES)}", file=sys.stderr)
         return 2
     print(dataset.summary())
+    if checked:
+        print(checked)
     return 0

@@ -30,6 +30,21 @@ REASON_BMP_TRUNCATED = "truncated BMP (shorter than its header says)"
 REASON_GIF_TRUNCATED = "truncated GIF (no trailer byte 3B at the end)"
 REASON_UNREADABLE = "unreadable file"
 REASON_EXTENSION = "not an image file name (extension)"
+REASON_MISSING = "missing file"
+REASON_BROKEN_LINK = "broken symbolic link (its target does not exist)"
+REASON_FOLDER = "a folder named like an image file"
+REASON_NOT_REGULAR = "not a regular file (device, pipe or socket)"
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` is not a regular file (missing, broken link, folder, pipe...), or None."""
+    if os.path.isfile(path):
+        return None
+    if os.path.islink(path) and not os.path.exists(path):
+        return REASON_BROKEN_LINK
+    if not os.path.lexists(path):
+        return REASON_MISSING
+    return REASON_FOLDER if os.path.isdir(path) else REASON_NOT_REGULAR
 
 
 def image_kind(head: bytes) -> str | None:
@@ -89,7 +104,9 @@ def list_image_files(folder: str, skipped: "SkipReport", recursive: bool = False
 
     Files with another extension and files failing `probe_image_file` are added to `skipped` with
     their reason. Hidden files (`.DS_Store`, `._x.jpg` from macOS archives) count as skips too, so
-    the summary shows them. The order is sorted by relative path, hence the same on every machine.
+    the summary shows them, and so do broken symbolic links, pipes and (without `recursive`)
+    folders named like images; other subfolders are not read. The order is sorted by relative
+    path, hence the same on every machine.
     """
     paths = []
     if recursive:
@@ -98,11 +115,15 @@ def list_image_files(folder: str, skipped: "SkipReport", recursive: bool = False
             paths.extend(os.path.join(dirpath, f) for f in filenames)
     else:
         with os.scandir(folder) as entries:
-            paths = [e.path for e in entries if e.is_file()]
+            paths = [e.path for e in entries if not e.is_dir() or has_image_extension(e.name)]
     paths.sort()
     kept = []
     for path in paths:
         name = os.path.basename(path)
+        reason = path_problem(path)
+        if reason is not None:
+            skipped.add(reason, path)
+            continue
         if not has_image_extension(name):
             skipped.add(REASON_EXTENSION, path)
             continue

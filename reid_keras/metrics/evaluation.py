@@ -6,6 +6,11 @@ reused for the same model file, size, preprocessing and flip), ranks the gallery
 threshold at the equal error rate, the dataset's own protocols (`dataset_protocols`), the
 camera-pair matrix (idver paper Fig. 6), the gallery-size curve with distractors (Table VI) and the
 plots; it writes `metrics.json` and appends a row to a results CSV.
+
+Damaged images are counted skips, never the end of an evaluation: the files the loader left out,
+the query / gallery / protocol / distractor images a full decode check rejects
+(`data.decoding.drop_damaged`) and any the feature pipeline still fails on are printed and
+recorded under "skipped" in metrics.json. Only a split with no usable image left is an error.
 """
 from __future__ import annotations
 
@@ -19,12 +24,13 @@ from reid_keras.io_utils import append_csv_row, write_json
 from reid_keras.metrics.dataset_protocols import ProtocolInputs, check_protocols, run_protocols
 from reid_keras.metrics.diagnostics import (cross_camera_matrix, distractor_tiers, eer_threshold,
                                             gallery_size_curve, sample_pair_distances)
-from reid_keras.metrics.features import extract_features
+from reid_keras.metrics.features import NoDecodableImages, extract_features
 from reid_keras.metrics.options import EvaluationError, EvaluationOptions
 from reid_keras.metrics.ranking import evaluate_ranking
 from reid_keras.metrics.report import CSV_FIELDS, csv_row, metric_summary
 
 PROTOCOL_A = "PROTOCOLS.md (a): junk = same id and camera or id -1, invalid queries excluded"
+REASON_FEATURE_DECODE = "not decodable by TensorFlow during feature extraction"
 
 
 def rank_variants(query, gallery, options: EvaluationOptions) -> dict:
@@ -60,15 +66,21 @@ def rank_variants(query, gallery, options: EvaluationOptions) -> dict:
     return out
 
 
-def distractor_curve(embed, query, gallery, options: EvaluationOptions) -> list:
-    """Embed the distractor folder (cached) and evaluate the nested gallery-size tiers (idver Table VI)."""
+def distractor_curve(embed, query, gallery, options: EvaluationOptions) -> tuple:
+    """Embed the distractor folder (cached) and evaluate the nested gallery-size tiers (idver Table VI).
+
+    Returns `(curve rows, SkipReport of the distractor files left out)`."""
     from reid_keras.data.datasets.base import SkipReport
     from reid_keras.data.datasets.market1501 import load_distractors
+    from reid_keras.data.decoding import find_damaged, skip_report
 
     skipped = SkipReport()
     records = load_distractors(options.distractors, skipped)
+    damaged = find_damaged([r.path for r in records], scope=options.distractors) if records else {}
+    records = [r for r in records if r.path not in damaged]
+    skipped = skipped.merge(skip_report(damaged))
     if skipped.total:
-        print(f"distractors: {skipped}")
+        print(f"distractors: {skipped}", flush=True)
     if not records:
         raise EvaluationError(f"distractors {options.distractors!r} holds no readable images")
     sizes = list(options.distractor_sizes or distractor_tiers(len(records)))
@@ -76,8 +88,31 @@ def distractor_curve(embed, query, gallery, options: EvaluationOptions) -> list:
     if too_big:
         raise EvaluationError(f"distractor_sizes {too_big} outside 0..{len(records)} (images in the folder)")
     feats = embed(records, "distractors", "distractor features")
+    skipped = skipped.merge(_feature_skips(feats))
     return gallery_size_curve(query, gallery, feats.features, sizes, seed=options.seed, ap=options.ap,
-                              memory_budget_mb=options.memory_budget_mb)
+                              memory_budget_mb=options.memory_budget_mb), skipped
+
+
+def _feature_skips(features):
+    """The files `extract_features` left out (TensorFlow could not decode them after all)."""
+    from reid_keras.data.datasets.base import SkipReport
+
+    report = SkipReport()
+    for path in features.meta.get("skipped", []):
+        report.add(REASON_FEATURE_DECODE, path)
+    return report
+
+
+def usable_dataset(dataset):
+    """`dataset` without the query / gallery / protocol images that fail the decode check, as
+    `(dataset, SkipReport)`; its `skipped` also holds what the loader left out."""
+    from reid_keras.data.datasets.base import DatasetLayoutError
+    from reid_keras.data.decoding import drop_damaged
+
+    try:
+        return drop_damaged(dataset, splits=("query", "gallery"))
+    except DatasetLayoutError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def _model_key(model, image_size, preprocess) -> str:
@@ -101,8 +136,10 @@ def evaluate_model(model, dataset, out: str, options: EvaluationOptions = Evalua
     """Evaluate `model` (an `EmbeddingModel`, reid_keras.models.loading) on `dataset`; files go to `out`.
 
     `image_size` (height, width) defaults to the model's own input size. Returns the metrics.json
-    dict. Raises EvaluationError for what the user can fix (an empty split, no valid query, a
-    protocol the dataset declares but this library lacks, a bad distractor folder).
+    dict. Damaged query / gallery images are left out, printed and counted in metrics.json
+    "skipped" (`usable_dataset`). Raises EvaluationError for what the user can fix (an empty split
+    or one whose images are all damaged, no valid query, a protocol the dataset declares but this
+    library lacks, a bad distractor folder).
     """
     size = _input_size(model, image_size)
     protocols = tuple(getattr(dataset, "protocols", ()))
@@ -112,6 +149,10 @@ def evaluate_model(model, dataset, out: str, options: EvaluationOptions = Evalua
     for split in ("query", "gallery"):
         if not getattr(dataset, split):
             raise EvaluationError(f"{dataset.name} at {dataset.root}: the {split} split is empty")
+    dataset, _ = usable_dataset(dataset)
+    skipped = dataset.skipped
+    if skipped.total:
+        print(f"{dataset.name} at {dataset.root}: {skipped}", flush=True)
     os.makedirs(out, exist_ok=True)
     key = _model_key(model, size, model.preprocessing)
 
@@ -120,7 +161,15 @@ def evaluate_model(model, dataset, out: str, options: EvaluationOptions = Evalua
                                 cache=os.path.join(out, f"features_{name}.npz"), cache_key=key,
                                 label=label or f"{name.replace('_', '-')} features")
 
-    query, gallery = embed(dataset.query, "query"), embed(dataset.gallery, "gallery")
+    splits = {}
+    for split in ("query", "gallery"):
+        try:
+            splits[split] = embed(getattr(dataset, split), split)
+        except NoDecodableImages as err:
+            raise EvaluationError(f"{dataset.name} at {dataset.root}: no usable image in the {split} split: "
+                                  f"{err}") from None
+        skipped = skipped.merge(_feature_skips(splits[split]))
+    query, gallery = splits["query"], splits["gallery"]
     variants = rank_variants(query, gallery, options)
     final_name = list(variants)[-1]
     final = variants[final_name]
@@ -128,6 +177,7 @@ def evaluate_model(model, dataset, out: str, options: EvaluationOptions = Evalua
                "data_root": os.path.abspath(dataset.root), "dataset_options": dict(getattr(dataset, "options", {})),
                "protocol": PROTOCOL_A, "ap_variant": options.ap, "flip": options.flip, "image_size": list(size),
                "preprocessing": model.preprocessing, "num_query": len(query), "num_gallery": len(gallery),
+               "skipped": None,
                "variant": final_name, "seed": options.seed,
                "rerank": ({"k1": options.rerank_k1, "k2": options.rerank_k2, "lambda": options.rerank_lambda}
                           if options.rerank else None),
@@ -147,8 +197,10 @@ def evaluate_model(model, dataset, out: str, options: EvaluationOptions = Evalua
         gallery_features=gallery.features, distmat=final["distmat"], ap=options.ap,
         memory_budget_mb=options.memory_budget_mb)
     if options.distractors:
-        metrics["gallery_size_curve"] = distractor_curve(embed, query, gallery, options)
+        metrics["gallery_size_curve"], distractor_skips = distractor_curve(embed, query, gallery, options)
+        skipped = skipped.merge(distractor_skips)
         metrics["gallery_size_note"] = "plain embeddings (no re-ranking / query expansion), nested seeded tiers"
+    metrics["skipped"] = skipped.as_dict()
     if options.plots:
         from reid_keras.metrics.plots import draw_evaluation_plots  # matplotlib, only when drawing
 

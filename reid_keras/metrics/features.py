@@ -17,6 +17,10 @@ import numpy as np
 from reid_keras.io_utils import atomic_write
 
 
+class NoDecodableImages(ValueError):
+    """Every image record given to `extract_features` failed to decode; the message names some."""
+
+
 @dataclasses.dataclass
 class FeatureSet:
     """Features of one split with the identity, camera and file of every row.
@@ -196,6 +200,9 @@ def extract_features(model, images, batch_size: int = 64, flip: bool = True, ima
             batch_cams.append(np.asarray(bc) if bc is not None else np.full(len(out), -1))
         progress.update(len(out))
     if not feats:
+        if records:
+            raise NoDecodableImages(f"none of the {len(images)} image(s) could be decoded, "
+                                    f"e.g. {', '.join(paths[:3].tolist())}")
         raise ValueError("extract_features got no images")
     features = l2_normalize(np.concatenate(feats))
     n = len(features)
@@ -206,7 +213,7 @@ def extract_features(model, images, batch_size: int = 64, flip: bool = True, ima
         if len(index) != len(images):
             kept = set(index.tolist())
             skipped = [r.path for i, r in enumerate(images) if i not in kept]
-            print(f"warning: {len(skipped)} undecodable image(s) left out, e.g. {skipped[:3]}", flush=True)
+            print(f"warning: {len(skipped)} undecodable image(s) left out, e.g. {', '.join(skipped[:3])}", flush=True)
         pids = [images[i].pid for i in index]
         camids = [images[i].camid for i in index]
         paths = paths[index]

@@ -73,4 +73,14 @@ def format_table(metrics: dict) -> str:
     for row in metrics.get("gallery_size_curve", []):
         lines.append(f"gallery {row['gallery_size']:>9,} (+{row['distractors']:,} distractors): "
                      f"rank-1 {100 * row['rank1']:.2f}%, mAP {100 * row['mAP']:.2f}%")
+    skipped = metrics.get("skipped") or {}
+    if skipped.get("total"):
+        lines.append(skipped_line(skipped))
     return "\n".join(lines)
+
+
+def skipped_line(skipped: dict) -> str:
+    """One line for a metrics.json "skipped" entry: the count, the reasons, the first file."""
+    reasons = "; ".join(f"{n} {reason}" for reason, n in skipped["by_reason"].items())
+    first = next(iter(skipped["examples"].values()), [""])[0]
+    return f"skipped {skipped['total']} file(s) (metrics.json \"skipped\" lists examples): {reasons}; e.g. {first}"

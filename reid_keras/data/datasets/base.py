@@ -41,21 +41,48 @@ class DatasetCountError(ValueError):
 
 @dataclasses.dataclass
 class SkipReport:
-    """Files a loader left out, counted by reason, with a few example paths per reason."""
+    """Files left out, counted by reason and by folder, with a few example paths per reason.
+
+    Loaders fill it while scanning (`imagefiles.list_image_files`), the decode check
+    (`decoding.drop_damaged`) adds the files that only a full decode finds; `as_dict` is what
+    metrics.json and config.json record, `str()` what the console shows.
+    """
 
     counts: dict = dataclasses.field(default_factory=dict)
     examples: dict = dataclasses.field(default_factory=dict)
     max_examples: int = 3
+    folders: dict = dataclasses.field(default_factory=dict)
 
     def add(self, reason: str, path: str) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + 1
         shown = self.examples.setdefault(reason, [])
         if len(shown) < self.max_examples:
             shown.append(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        self.folders[folder] = self.folders.get(folder, 0) + 1
+
+    def merge(self, other: "SkipReport") -> "SkipReport":
+        """A new report holding the skips of both (examples capped at `max_examples` per reason)."""
+        merged = SkipReport(dict(self.counts), {k: list(v) for k, v in self.examples.items()},
+                            self.max_examples, dict(self.folders))
+        for reason, count in other.counts.items():
+            merged.counts[reason] = merged.counts.get(reason, 0) + count
+            shown = merged.examples.setdefault(reason, [])
+            shown.extend(p for p in other.examples.get(reason, []) if p not in shown)
+            del shown[self.max_examples:]
+        for folder, count in other.folders.items():
+            merged.folders[folder] = merged.folders.get(folder, 0) + count
+        return merged
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def as_dict(self) -> dict:
+        """`{"total", "by_reason", "by_folder", "examples"}`, sorted, ready for a JSON file."""
+        return {"total": self.total, "by_reason": dict(sorted(self.counts.items())),
+                "by_folder": dict(sorted(self.folders.items())),
+                "examples": {k: list(v) for k, v in sorted(self.examples.items())}}
 
     def __str__(self) -> str:
         if not self.counts:
@@ -63,6 +90,8 @@ class SkipReport:
         lines = [f"skipped {self.total} file(s):"]
         for reason in sorted(self.counts):
             lines.append(f"  {self.counts[reason]:>6}  {reason}  (e.g. {', '.join(self.examples[reason])})")
+        if self.folders:
+            lines.append("  per folder: " + ", ".join(f"{folder} {n}" for folder, n in sorted(self.folders.items())))
         return "\n".join(lines)
 
 
