@@ -1,7 +1,9 @@
-"""`python -m reid_keras.data`: the command lives in `reid_keras.cli.data`."""
+"""Entry point of `python -m reid_keras.data`; the command is `reid_keras.cli.data`."""
 import sys
 
+from reid_keras.cli import quiet_tensorflow_logs
 from reid_keras.cli.data import main
 
 if __name__ == "__main__":
+    quiet_tensorflow_logs(sys.argv[1:])  # before anything imports TensorFlow (no cli module does at import)
     sys.exit(main())
