@@ -2,7 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from reid_keras.cli import VERBOSE_ENV, VERBOSE_FLAG
+
+RUNS = "runs"  # where the commands write when no output is named, relative to the working directory
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Help that keeps the description's line breaks and adds "(default: X)" where X tells something: not for
+    a default of None, False or [], nor when the help text already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def positive_int(text: str) -> int:
@@ -68,3 +84,31 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, dataset_default=None,
     parser.add_argument("--root", dest="data_root", action=_DeprecatedAlias, new="--data-root", help=argparse.SUPPRESS)
     parser.add_argument("--option", dest="dataset_option", action=_DeprecatedAlias, new="--dataset-option",
                         help=argparse.SUPPRESS)
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    """`--verbose`: keep TensorFlow's start-up log lines (the entry point reads it before TensorFlow loads,
+    see `reid_keras.cli.quiet_tensorflow_logs`)."""
+    parser.add_argument(VERBOSE_FLAG, action="store_true",
+                        help=f"show TensorFlow's start-up log lines (hidden by default; or set {VERBOSE_ENV}=1)")
+
+
+def require_data_root(dataset: str, data_root) -> None:
+    """ValueError naming --data-root when `dataset` has no default folder and none was given."""
+    from reid_keras.data.datasets import default_root
+
+    if not data_root and default_root(dataset) is None:
+        raise ValueError(f"--data-root is required for --dataset {dataset}: the folder where {dataset} is unpacked "
+                         "(or its parent; see data/README.md)")
+
+
+def run_folder_of(model_path: str):
+    """The run folder holding `model_path` (a config.json beside it, as `python -m reid_keras.train` writes),
+    else None. A SavedModel folder counts as the file it is: runs/x/export -> runs/x."""
+    folder = os.path.dirname(os.path.abspath(model_path.rstrip("/" + os.sep) or model_path))
+    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
+
+
+def model_name(model_path: str) -> str:
+    """`best` for runs/x/best.keras, `export` for a SavedModel folder runs/x/export/."""
+    return os.path.splitext(os.path.basename(os.path.abspath(model_path.rstrip("/" + os.sep) or model_path)))[0]

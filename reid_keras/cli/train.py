@@ -6,7 +6,8 @@ evaluation engine, writes plots and exports a SavedModel, all under `runs/<name>
 
 Every recipe value a flag names overrides the preset's; a flag the model's family does not read is
 refused. `--preset paper` switches to the recipe of the model's paper (e.g. the EfficientNet siamese
-paper's CUHK01 recipe: 160x80, RMSprop 1e-4, batch 48, 18 epochs).
+paper's CUHK01 recipe: 160x80, RMSprop 1e-4, batch 48, 18 epochs). `--model NAME --help` (with
+`--preset paper` if wanted) shows that preset's value beside every recipe flag.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import os
 import sys
 import time
 
-from reid_keras.cli.arguments import add_dataset_arguments, image_size, non_negative_int, positive_int
+from reid_keras.cli.arguments import (HelpFormatter, add_dataset_arguments, add_verbose_argument, image_size,
+                                      non_negative_int, positive_int, require_data_root)
 
 NONE = "none"
 
@@ -29,7 +31,8 @@ RECIPE_FLAGS = (
     ("--weights", "weights", dict(help="imagenet, none, or a weights file")),
     ("--epochs", "epochs", dict(type=non_negative_int, help="training epochs; 0 evaluates and exports the model "
                                                             "as built, e.g. an ImageNet baseline")),
-    ("--steps-per-epoch", "steps_per_epoch", dict(type=positive_int, help="batches per epoch")),
+    ("--steps-per-epoch", "steps_per_epoch", dict(type=positive_int, help="batches per epoch (auto: one pass over "
+                                                                           "the training images or pairs)")),
     ("--batch-size", "batch_size", dict(type=positive_int, help="global batch size (pairs or images)")),
     ("--accumulate-steps", "accumulate_steps", dict(
         type=positive_int, help="feed each batch as N micro-batches and average their gradients (about 1/N of the "
@@ -53,15 +56,87 @@ RECIPE_FLAGS = (
                                                        "scale 10, the PyTorch ports use 30)")),
 )
 FLAG_OF = {key: flag for flag, key, _ in RECIPE_FLAGS}
+# The columns of the preset table `--help` prints when no --model is given: (title, recipe key).
+TABLE_COLUMNS = (("epochs", "epochs"), ("steps/epoch", "steps_per_epoch"), ("batch", "batch_size"),
+                 ("lr", "learning_rate"), ("optimizer", "optimizer"), ("image", "image_size"),
+                 ("warm-up", "id_warmup_steps"))
 
 
-def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+def format_value(key: str, value) -> str:
+    """A recipe value as a user types it on the command line (160x80, 0.0001, none, auto)."""
+    if value is None:
+        return "auto" if key == "steps_per_epoch" else NONE
+    if key == "image_size":
+        return f"{value[0]}x{value[1]}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _chosen_preset(argv):
+    """(--model, --preset) among `argv` when --model names a known preset, else (None, --preset): what `--help`
+    describes. Parsing errors are left to the real parser."""
+    from reid_keras.families import presets
+    from reid_keras.families.base import RECIPES
+
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--model")
+    peek.add_argument("--preset", choices=RECIPES, default="default")
+    try:
+        known, _ = peek.parse_known_args(argv)
+    except SystemExit:  # e.g. --preset nonsense: the real parser reports it
+        return None, "default"
+    return (known.model if known.model in presets() else None), known.preset
+
+
+def preset_table(recipe: str) -> str:
+    """One line per preset with the main values of its `recipe` ("default" or "paper"), for `--help`."""
+    from reid_keras.families import presets
+
+    rows = [("preset", "family") + tuple(title for title, _ in TABLE_COLUMNS)]
+    for name, (family, preset) in sorted(presets().items()):
+        values = preset.resolve(recipe)
+        rows.append((name, family.name) + tuple(format_value(key, getattr(values, key)) if hasattr(values, key) else "-"
+                                                for _, key in TABLE_COLUMNS))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join("  " + line for line in lines)
+
+
+def recipe_help(model, recipe: str) -> dict:
+    """{recipe key: the note `--help` adds to its flag}: the preset's value, or that its family does not read it."""
+    from reid_keras.families import get_preset
+
+    if model is None:
+        return {}
+    family, preset = get_preset(model)
+    values = preset.resolve(recipe)
+    notes = {}
+    for _, key, _ in RECIPE_FLAGS:
+        if not hasattr(values, key):
+            notes[key] = f"(not read by {model}: family {family.name})"
+            continue
+        shown = format_value(key, getattr(values, key))
+        temperature = getattr(values, "oim_temperature", None)
+        if key == "oim_scale" and getattr(values, key) is None and temperature:
+            shown = f"none, temperature {temperature:g} = scale {1 / temperature:g}"
+        notes[key] = f"(default for {model}, --preset {recipe}: {shown})"
+    return notes
+
+
+def build_parser(parser_class=argparse.ArgumentParser, argv=None) -> argparse.ArgumentParser:
+    """The command's parser. `argv` (default: sys.argv[1:]) only chooses what `--help` shows: the values of the
+    --model and --preset it names beside each recipe flag, or, without --model, a table of every preset."""
     from reid_keras.families import presets
     from reid_keras.families.base import RECIPES
 
     names = sorted(presets())
-    p = parser_class(prog="python -m reid_keras.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    model, recipe = _chosen_preset(sys.argv[1:] if argv is None else argv)
+    epilog = None if model else (f"preset values (--preset {recipe}; auto = one pass over the training data, "
+                                 f"warm-up = --id-warmup-steps):\n{preset_table(recipe)}\n\n"
+                                 "`--model NAME --help` shows one preset's value beside every recipe flag.")
+    p = parser_class(prog="python -m reid_keras.train", description=__doc__, epilog=epilog,
+                     formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, choices=names, metavar="PRESET", help=f"model preset, one of: "
                                                                                    f"{', '.join(names)}")
     p.add_argument("--preset", choices=RECIPES, default="default",
@@ -82,10 +157,14 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="comma-separated devices to mirror over, e.g. /cpu:0,/cpu:1 (default: all GPUs)")
     p.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     p.add_argument("--no-plots", action="store_true", help="skip the evaluation plots")
-    recipe = p.add_argument_group("recipe values (default: the preset's; a model's family refuses the ones it "
-                                  "does not read)")
+    add_verbose_argument(p)
+    notes = recipe_help(model, recipe)
+    group = p.add_argument_group("recipe values (default: the preset's; a model's family refuses the ones it "
+                                 "does not read)")
     for flag, key, kwargs in RECIPE_FLAGS:
-        recipe.add_argument(flag, dest=key, default=None, **kwargs)
+        if key in notes:
+            kwargs = {**kwargs, "help": f"{kwargs.get('help', '')} {notes[key]}".strip()}
+        group.add_argument(flag, dest=key, default=None, **kwargs)
     return p
 
 
@@ -116,7 +195,7 @@ def config_from_args(args: argparse.Namespace):
         ValueError: a flag the model's family does not read (naming the flags it reads), a bad
             dataset option, or a dataset that needs --data-root without one.
     """
-    from reid_keras.data.datasets import default_root, parse_options
+    from reid_keras.data.datasets import parse_options
     from reid_keras.families.config import resolve_config
 
     given = recipe_overrides(args)
@@ -125,9 +204,7 @@ def config_from_args(args: argparse.Namespace):
         if args.dataset != "synthetic":
             raise ValueError(f"--synthetic-ids applies to --dataset synthetic, not {args.dataset}")
         options["num_ids"] = args.synthetic_ids
-    if not args.data_root and default_root(args.dataset) is None:
-        raise ValueError(f"--data-root is required for --dataset {args.dataset}: the folder where {args.dataset} is "
-                         "unpacked (see data/README.md)")
+    require_data_root(args.dataset, args.data_root)
     return resolve_config(args.model, args.preset, given, dataset=args.dataset, data_root=args.data_root,
                           dataset_options=options, seed=args.seed, mixed_precision=args.mixed_precision,
                           output=args.output, resume=args.resume, devices=args.devices)
@@ -137,7 +214,7 @@ def run(argv=None, extra_callbacks=None) -> str:
     """Parse `argv`, train, evaluate and export; returns the run folder (errors propagate)."""
     from reid_keras.training.runner import run_training
 
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv=argv).parse_args(argv)
     return run_training(config_from_args(args), name=args.name, export=not args.no_export, plots=not args.no_plots,
                         extra_callbacks=extra_callbacks or [])
 
