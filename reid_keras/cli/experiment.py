@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+from reid_keras.cli.arguments import add_verbose_argument
 from reid_keras.paper_tables import (SMOKE_SPLITS, distractor_evaluation, gallery_curve_table, load_experiment,
                                      results_table, run_label, split_numbers, split_runs)
 
@@ -59,7 +60,7 @@ def check_runs(path: str, spec: dict, data_root, output: str, smoke: bool) -> No
     from reid_keras.cli.train import build_parser, recipe_overrides
     from reid_keras.families.config import resolve_config
 
-    parser = build_parser(parser_class=_RaisingParser)
+    parser = build_parser(parser_class=_RaisingParser, argv=[])
     for run in spec["runs"]:
         try:
             args = parser.parse_args(train_argv(spec, run, data_root, output, smoke))
@@ -110,6 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--distractor-sizes", default=None, help="comma-separated distractor counts of the curve")
     parser.add_argument("--smoke", action="store_true",
                         help=f"synthetic data, a few steps per run, at most {SMOKE_SPLITS} splits (CI)")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
     from reid_keras.io_utils import atomic_write_text
 

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from reid_keras.cli.arguments import add_dataset_arguments, positive_int
+from reid_keras.cli.arguments import add_dataset_arguments, add_verbose_argument, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     heat.add_argument("--gallery", required=True, help="gallery feature file (.npz)")
     heat.add_argument("--out", required=True, help="output image (.png)")
     heat.add_argument("--ap", default="non-interpolated", choices=["non-interpolated", "trapezoid"],
-                      help="AP variant (PROTOCOLS.md (a)); default: %(default)s")
+                      help="AP variant (docs/protocols.md (a)); default: %(default)s")
     act = sub.add_parser("activations", help="channel-summed activation maps of an intermediate block "
                                              "(id-verification paper Fig. 5), one column per model")
     act.add_argument("--model", nargs="+", required=True, help=".keras files saved by python -m reid_keras.train")
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "config.json, else the backbone's own)")
     act.add_argument("--out", required=True, help="output image (.png)")
     act.add_argument("--npz", default=None, help="also save the maps to this .npz file")
+    for command in (tsne, heat, act):
+        add_verbose_argument(command)
     return parser
 
 
