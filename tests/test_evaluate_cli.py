@@ -202,3 +202,20 @@ def test_cuhk01_adds_its_paper_protocol(setup, tmp_path):
     for key, (mean, std) in direct["table"].items():
         assert paper["mean_std"][key][0] == pytest.approx(mean / 100)
     assert "CUHK01 paper protocol" in stdout and "rank-15" in stdout
+
+
+def test_unknown_dataset_lists_the_registered_ones_once(setup, tmp_path):
+    from reid_keras.data.datasets import DATASET_NAMES
+
+    code, _, stderr = _run(["--model", setup["model"], "--dataset", "market9999", "--data-root", str(setup["base"]),
+                            "--out", str(tmp_path / "o")])
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.count("known datasets") == 1 and stderr.count("market1501") == 1
+    assert f"known datasets: {', '.join(DATASET_NAMES)}" in stderr and "synthetic" in DATASET_NAMES
+
+
+def test_missing_data_root_names_the_flag(setup, tmp_path):
+    code, _, stderr = _run(["--model", setup["model"], "--dataset", "cuhk03", "--out", str(tmp_path / "o")])
+    assert code == 2 and "Traceback" not in stderr
+    assert "--data-root is required for --dataset cuhk03" in stderr
+    assert not os.path.exists(tmp_path / "o")
