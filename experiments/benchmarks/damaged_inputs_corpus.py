@@ -427,9 +427,14 @@ def main(argv=None) -> int:
     speed = decode_check_speed(os.path.join(work, "speed"), args.speed_images) if args.speed_images else None
 
     print(describe_machine(tensorflow=tf.__version__, opencv=cv2.__version__))
-    print(f"\n{len({r[0] for r in rows})} kinds of damaged input, {len(rows)} rows, "
+    controls = {"png_named_jpg", "control_clean_tree", "together"}
+    kinds = {r[0] for r in rows} - controls
+    not_run = {r[0] for r in rows if r[2] == "all"}
+    print(f"\n{len(kinds)} kinds of damaged input ({len(kinds - not_run)} run, {len(not_run)} not run), "
+          f"{len(controls & {r[0] for r in rows})} controls, {len(rows)} rows, "
           f"{sum(r[6] == 'yes' for r in rows)} clean; {time.time() - started:.0f} s\n")
-    print("| kind | what | command | exit | message (first line naming the file, or the error) | skip counted? | clean |")
+    print("| kind | what | command | exit | message (first line naming the file, or the error) | skip counted? "
+          "| clean |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for kind, description, command, code, message, counted, ok in rows:
         message = message.replace(work, "$WORK").replace("|", "\\|")
