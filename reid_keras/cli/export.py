@@ -3,7 +3,9 @@
 `embed` takes raw uint8 images of any size and returns L2-normalised features; pair models (the
 siamese and ID+verification families with a verification head) also get `verify`, P(same person).
 The model's family is read from the run's config.json beside it (`--family` for a file outside a run
-folder); the preprocessing likewise, else from the backbone's name.
+folder); the preprocessing likewise, else from the backbone's name. The model is read through
+`reid_keras.models.loading.load_keras_model`: a damaged file, or NaN / inf weights (a diverged run),
+end the command with exit code 2 and a message naming the file (and the first non-finite variable).
 """
 from __future__ import annotations
 
@@ -21,7 +23,11 @@ def _default_preprocessing(model_path: str, model) -> str:
     if isinstance(value, str):
         return value
     # The backbone sub-model keeps its keras.applications name (efficientnetb0, resnet50, vgg16).
-    for layer in model.get_layer("embedding").layers:
+    try:
+        layers = model.get_layer("embedding").layers
+    except (ValueError, AttributeError):
+        layers = []  # no embedding sub-model: export_model names that problem
+    for layer in layers:
         for backbone, preprocessing in BACKBONE_PREPROCESSING.items():
             if layer.name.startswith(backbone):
                 return preprocessing
@@ -31,7 +37,7 @@ def _default_preprocessing(model_path: str, model) -> str:
 
 def main(argv=None) -> int:
     from reid_keras.families import families, get_family, register_serializables
-    from reid_keras.models.loading import run_config_beside
+    from reid_keras.models.loading import ModelLoadError, inspect_model_path, load_keras_model, run_config_beside
     from reid_keras.models.saved_model import PREPROCESSING, ExportError, export_model, read_metadata
 
     parser = argparse.ArgumentParser(prog="python -m reid_keras.export", description=__doc__.split("\n\n")[0])
@@ -42,25 +48,26 @@ def main(argv=None) -> int:
     parser.add_argument("--preprocessing", choices=PREPROCESSING,
                         help="backbone preprocessing (default: the run's config.json, else the backbone's)")
     args = parser.parse_args(argv)
-    if not args.model.endswith(".keras") or not os.path.isfile(args.model):
-        parser.error(f"--model {args.model!r}: expected an existing .keras file")
+    try:
+        if inspect_model_path(args.model) != "keras":
+            raise ModelLoadError(f"--model {args.model!r} is an exported SavedModel folder already: pass the .keras "
+                                 "file it was exported from")
+    except ModelLoadError as err:
+        parser.error(str(err))
     family_name = args.family or run_config_beside(args.model).get("family")
     if not family_name:
         parser.error(f"--model {args.model!r} is not in a run folder (no config.json beside it): pass --family, one "
                      f"of {', '.join(sorted(families()))}")
-    import keras
-
     family = get_family(family_name)
     register_serializables()
     try:
-        model = keras.saving.load_model(args.model, safe_mode=True, compile=False)
-    except Exception as err:  # Keras raises many types for a bad file
-        parser.error(f"--model {args.model!r}: cannot load with safe_mode=True ({type(err).__name__}: {err})")
-    try:
+        model = load_keras_model(args.model)  # refuses NaN / inf weights, naming the first such variable
         preprocessing = args.preprocessing or _default_preprocessing(args.model, model)
         export_model(model, args.out, preprocessing=preprocessing, verifier=family.task.verifier(model))
-    except ExportError as err:
+    except ModelLoadError as err:  # names the file and what is wrong
         parser.error(str(err))
+    except ValueError as err:  # ExportError, or a family's pair view refusing a model of another family
+        parser.error(f"--model {args.model!r}: {err}")
     meta = read_metadata(args.out)
     print(f"exported {args.model} -> {args.out} (image_size {meta['image_size'][0]}x{meta['image_size'][1]}, "
           f"preprocessing {meta['preprocessing']}, {meta['feature_dim']}-d features, "

@@ -10,13 +10,16 @@ prints
 The probability is the siamese verification head's P(same person) (`verify` endpoint); the cosine
 similarity is the dot product of the two L2-normalised `embed` features (1 = same direction).
 Images are any size and format TensorFlow decodes (JPEG, PNG, BMP, GIF first frame); the export
-resizes them itself.
+resizes them itself. A damaged export folder, NaN / inf weights or NaN / inf outputs end the command
+with exit code 2 and a message naming the folder (`reid_keras.models.loading`); an export without a
+verification head (`verify`) prints the cosine similarity only.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -49,18 +52,23 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of two lines")
     args = parser.parse_args(argv)
 
+    from reid_keras.models.loading import ModelLoadError
     from reid_keras.models.saved_model import ExportError, load_export, match_images
 
     try:
         images = [read_image(args.image_a), read_image(args.image_b)]
         loaded, _ = load_export(args.model)
-    except (ValueError, ExportError) as err:
-        parser.error(str(err))
-    probability, cosine = match_images(loaded, *images)
+        probability, cosine = match_images(loaded, *images, source=args.model)
+    except (ValueError, ExportError, ModelLoadError) as err:  # ModelLoadError: a damaged or diverged model
+        parser.error(str(err))  # the message names the image or the --model folder
+    if probability is None:
+        print(f"note: {args.model} has no verify endpoint (a model without a verification head): "
+              "only the cosine similarity", file=sys.stderr)
     if args.json:
         print(json.dumps({"image_a": args.image_a, "image_b": args.image_b,
                           "same_person_probability": probability, "cosine_similarity": cosine}))
     else:
-        print(f"same_person_probability: {probability:.6f}")
+        if probability is not None:
+            print(f"same_person_probability: {probability:.6f}")
         print(f"cosine_similarity: {cosine:.6f}")
     return 0

@@ -21,6 +21,7 @@ import os
 from typing import Optional, Sequence
 
 from reid_keras.data.preprocessing import PREPROCESSING_MODES, check_preprocessing, preprocess
+from reid_keras.models.loading import ModelLoadError, NonFiniteModelError, check_finite_outputs, check_finite_weights
 
 METADATA_FILE = "reid_keras_export.json"
 FORMAT = "reid_keras.export/1"
@@ -66,6 +67,43 @@ def _embedding_of(model):
     if not isinstance(embedding, keras.Model) or len(embedding.inputs) != 1:
         raise ExportError(f"model {model.name!r}: layer 'embedding' must be a one-input sub-model")
     return embedding
+
+
+def _check_verifier(verifier, model) -> None:
+    """A pair view: two image inputs, a 2-way softmax or 1-unit sigmoid output (else ExportError)."""
+    from reid_keras.models.siamese import head_of
+
+    inputs = getattr(verifier, "inputs", None) or []
+    if len(inputs) != 2:
+        raise ExportError(f"model {model.name!r}: the verifier must take two images, it takes {len(inputs)} input(s); "
+                          "is this model of the family it is exported as?")
+    try:
+        head_of(verifier)
+    except ValueError as err:
+        raise ExportError(f"model {model.name!r}: {err}") from None
+
+
+def probe_images(image_size: Sequence[int]):
+    """Two uint8 images of `image_size`: mid-grey, and a colour gradient (deterministic; no data needed)."""
+    import numpy as np
+
+    height, width = int(image_size[0]), int(image_size[1])
+    rows = np.linspace(0, 255, height)[:, None, None]
+    cols = np.linspace(255, 0, width)[None, :, None]
+    gradient = (rows * np.array([1.0, 0.5, 0.0]) + cols * np.array([0.0, 0.5, 1.0])).clip(0, 255)
+    return np.stack([np.full((height, width, 3), 128.0), gradient]).astype(np.uint8)
+
+
+def _check_finite_endpoints(module, model, image_size, has_verify: bool) -> None:
+    """ExportError when the endpoints give NaN / inf on two probe images (weights finite, outputs overflowing)."""
+    images = probe_images(image_size)
+    try:
+        check_finite_outputs(module.embed(images).numpy(), model.name, "features", unit="probe image")
+        if has_verify:
+            check_finite_outputs(module.verify(images, images[::-1]).numpy(), model.name,
+                                 "same-person probability", unit="probe image pair")
+    except NonFiniteModelError as err:
+        raise ExportError(str(err)) from None
 
 
 def _export_module(model, embedding, image_size, preprocessing, verifier=None):
@@ -130,6 +168,12 @@ def export_model(model, out_dir: str, image_size: Optional[Sequence[int]] = None
     from reid_keras.models.siamese import head_of
 
     embedding = _embedding_of(model)
+    try:
+        check_finite_weights(model.variables, model.name)
+    except NonFiniteModelError as err:
+        raise ExportError(str(err)) from None
+    if verifier is not None:
+        _check_verifier(verifier, model)
     if image_size is None:
         image_size = tuple(embedding.inputs[0].shape[1:3])
     try:
@@ -142,6 +186,7 @@ def export_model(model, out_dir: str, image_size: Optional[Sequence[int]] = None
                           f"{model.name!r} was built (and trained) for")
     _check_preprocessing(preprocessing)
     module = _export_module(model, embedding, (height, width), preprocessing, verifier)
+    _check_finite_endpoints(module, model, (height, width), verifier is not None)
     endpoints = {"embed": "images uint8 [N,H,W,3] -> L2-normalised features float32 [N,D]"}
     if verifier is not None:
         endpoints["verify"] = "images_a, images_b uint8 [N,H,W,3] -> same-person probability float32 [N]"
@@ -168,46 +213,53 @@ def export_model(model, out_dir: str, image_size: Optional[Sequence[int]] = None
 
 
 def load_export(export_dir: str):
-    """`tf.saved_model.load` an export folder, returning `(loaded, metadata)`.
+    """Load a reid_keras export folder, returning `(loaded, metadata)`.
 
-    Silences TensorFlow's "unsaved custom gradients" load warning, which is expected here.
+    Goes through `reid_keras.models.loading.load_saved_model`: a damaged folder (missing or truncated
+    files, corrupted weights) or NaN / inf weights raise `ModelLoadError` naming the folder and what is wrong.
     """
-    import logging
+    from reid_keras.models.loading import inspect_model_path, load_saved_model
 
-    import tensorflow as tf
-
+    if inspect_model_path(export_dir) != "saved_model":
+        raise ModelLoadError(f"{export_dir!r} is a .keras file, not a reid_keras export: export it first "
+                             f"(python -m reid_keras.export --model {export_dir} --out DIR)")
     metadata = read_metadata(export_dir)
-
-    class _Quiet(logging.Filter):
-        def filter(self, record):
-            return "unsaved custom gradients" not in record.getMessage()
-
-    quiet = _Quiet()
-    absl_logger = logging.getLogger("absl")
-    absl_logger.addFilter(quiet)
-    try:
-        loaded = tf.saved_model.load(export_dir)
-    finally:
-        absl_logger.removeFilter(quiet)
-    return loaded, metadata
+    return load_saved_model(export_dir), metadata
 
 
 def read_metadata(export_dir: str) -> dict:
-    """The `reid_keras_export.json` of an export folder (clear error if it is not one)."""
+    """The `reid_keras_export.json` of an export folder (clear error if it is not one or it is damaged)."""
     path = os.path.join(export_dir, METADATA_FILE)
     if not os.path.isfile(os.path.join(export_dir, "saved_model.pb")) or not os.path.isfile(path):
         raise ExportError(f"{export_dir!r} is not a reid_keras export: expected saved_model.pb and {METADATA_FILE} "
                           "(write one with python -m reid_keras.export)")
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            metadata = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{path!r} is damaged (not readable JSON: {err}): export the model again") from None
+    if not isinstance(metadata, dict):
+        raise ExportError(f"{path!r} is damaged (a JSON {type(metadata).__name__}, not an object): export the model again")
+    return metadata
 
 
-def match_images(loaded, image_a, image_b) -> tuple:
-    """`(same-person probability, cosine similarity)` of two uint8 RGB images under a loaded export."""
+def match_images(loaded, image_a, image_b, source: str = "the export") -> tuple:
+    """`(same-person probability, cosine similarity)` of two uint8 RGB images under a loaded export.
+
+    The probability is None when the export has no `verify` endpoint (an embedding-only model).
+
+    Raises:
+        NonFiniteModelError: the model gave NaN / inf features or probability (named by `source`).
+    """
     import numpy as np
 
     a = np.asarray(image_a, dtype=np.uint8)[None]
     b = np.asarray(image_b, dtype=np.uint8)[None]
-    probability = float(np.asarray(loaded.verify(a, b)).reshape(-1)[0])
     features = np.concatenate([np.asarray(loaded.embed(a)), np.asarray(loaded.embed(b))])
+    check_finite_outputs(features, source, "features")
+    probability = None
+    if hasattr(loaded, "verify"):
+        value = np.asarray(loaded.verify(a, b)).reshape(-1)
+        check_finite_outputs(value, source, "same-person probability", unit="image pair")
+        probability = float(value[0])
     return probability, float(np.dot(features[0], features[1]))
