@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from reid_keras.cli.arguments import add_dataset_arguments
+from reid_keras.cli.arguments import add_dataset_arguments, add_verbose_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="number of cameras (default: the layout's own, 6 / 8 / 2)")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     synth.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    add_verbose_argument(synth)
 
     info = sub.add_parser("info", help="print ids / images / cameras per split of a dataset on disk")
     add_dataset_arguments(info)
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="do not compare counts with the published ones (custom subsets)")
     info.add_argument("--no-decode-check", action="store_true",
                       help="only the quick header/trailer probe of each file, no full decode check")
+    add_verbose_argument(info)
     return parser
 
 
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
             return 2
         print(summary)
         return 0
-    from reid_keras.data.datasets import DATASET_NAMES, load_dataset, parse_options
+    from reid_keras.data.datasets import load_dataset, parse_options
     from reid_keras.data.datasets.base import DatasetCountError, DatasetLayoutError
 
     checked = ""
@@ -66,9 +68,7 @@ def main(argv=None) -> int:
                        "(counted among the skips above)")
     # OSError: unreadable folders or files (permissions), reported like layout errors.
     except (DatasetLayoutError, DatasetCountError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        if args.dataset not in DATASET_NAMES:
-            print(f"known datasets: {', '.join(DATASET_NAMES)}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)  # an unknown dataset's message lists the known ones
         return 2
     print(dataset.summary())
     if checked:
