@@ -105,23 +105,28 @@ def _resave_export(src, dst, value):
     shutil.copy(os.path.join(src, "reid_keras_export.json"), dst)
 
 
-EXPORT_DAMAGE = {
-    "data shard deleted": (lambda d: os.remove(os.path.join(d, SHARD)), "no weight data in variables/"),
-    "index deleted": (lambda d: os.remove(os.path.join(d, INDEX)), "variables/variables.index is missing"),
-    "variables/ deleted": (lambda d: shutil.rmtree(os.path.join(d, "variables")), "the variables/ folder (the weights) "
-                                                                                  "is missing"),
-    "data shard truncated": (lambda d: _truncate(os.path.join(d, SHARD), 2000), "its weight data (variables/variables.data"
-                                                                                "-...) is truncated"),
-    "data shard empty": (lambda d: _truncate(os.path.join(d, SHARD), 0), "variables/variables.data-00000-of-00001 is empty (0 bytes"),
-    "data shard byte flipped": (lambda d: _flip(os.path.join(d, SHARD), 1500), "its weight data (variables/) is "
-                                                                               "corrupted (a checksum does not match)"),
-    "index garbage": (lambda d: open(os.path.join(d, INDEX), "wb").write(b"x" * 600), "variables/variables.index is corrupted (not an sstable"),
-    "saved_model.pb garbage": (lambda d: open(os.path.join(d, "saved_model.pb"), "wb").write(b"junk" * 50),
-                               "saved_model.pb is corrupted or truncated"),
-    "saved_model.pb truncated": (lambda d: _truncate(os.path.join(d, "saved_model.pb"), 20000),
-                                 "saved_model.pb is corrupted or truncated"),
-    "saved_model.pb deleted": (lambda d: os.remove(os.path.join(d, "saved_model.pb")), "saved_model.pb (the graph) is "
-                                                                                        "missing"),
+def _in(name, fn, *args):
+    """Damage: `fn(<export copy>/name, *args)`."""
+    return lambda folder: fn(os.path.join(folder, name), *args)
+
+
+def _write(path, data):
+    open(path, "wb").write(data)
+
+
+EXPORT_DAMAGE = {  # kind: (damage of an export copy, what the message says after the folder)
+    "data shard deleted": (_in(SHARD, os.remove), "no weight data in variables/"),
+    "index deleted": (_in(INDEX, os.remove), "variables/variables.index is missing"),
+    "variables/ deleted": (_in("variables", shutil.rmtree), "the variables/ folder (the weights) is missing"),
+    "data shard truncated": (_in(SHARD, _truncate, 2000),
+                             "its weight data (variables/variables.data-...) is truncated"),
+    "data shard empty": (_in(SHARD, _truncate, 0), "variables/variables.data-00000-of-00001 is empty (0 bytes"),
+    "data shard byte flipped": (_in(SHARD, _flip, 1500),
+                                "its weight data (variables/) is corrupted (a checksum does not match)"),
+    "index garbage": (_in(INDEX, _write, b"x" * 600), "variables/variables.index is corrupted (not an sstable"),
+    "saved_model.pb garbage": (_in("saved_model.pb", _write, b"junk" * 50), "saved_model.pb is corrupted or truncated"),
+    "saved_model.pb truncated": (_in("saved_model.pb", _truncate, 20000), "saved_model.pb is corrupted or truncated"),
+    "saved_model.pb deleted": (_in("saved_model.pb", os.remove), "saved_model.pb (the graph) is missing"),
 }
 
 

@@ -83,8 +83,8 @@ def build_sources(root: str) -> dict:
     write_dataset("market1501", os.path.join(root, "data"), num_ids=8, seed=0)
     return {"run": run, "keras": os.path.join(run, "last.keras"), "export": os.path.join(run, "export"),
             "other": os.path.join(root, "other.keras"), "weights_h5": os.path.join(root, "other.weights.h5"),
-            "jpeg": os.path.join(root, "photo.jpg"), "images": [os.path.join(root, "a.png"), os.path.join(root, "b.png")],
-            "data": os.path.join(root, "data")}
+            "jpeg": os.path.join(root, "photo.jpg"), "data": os.path.join(root, "data"),
+            "images": [os.path.join(root, "a.png"), os.path.join(root, "b.png")]}
 
 
 # ---- damage: each takes (intact model, case folder) and returns the damaged model's path ---------------

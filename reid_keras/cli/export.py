@@ -10,8 +10,6 @@ end the command with exit code 2 and a message naming the file (and the first no
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 
 def _default_preprocessing(model_path: str, model) -> str:
@@ -38,7 +36,7 @@ def _default_preprocessing(model_path: str, model) -> str:
 def main(argv=None) -> int:
     from reid_keras.families import families, get_family, register_serializables
     from reid_keras.models.loading import ModelLoadError, inspect_model_path, load_keras_model, run_config_beside
-    from reid_keras.models.saved_model import PREPROCESSING, ExportError, export_model, read_metadata
+    from reid_keras.models.saved_model import PREPROCESSING, export_model, read_metadata
 
     parser = argparse.ArgumentParser(prog="python -m reid_keras.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="trained model, a .keras file")

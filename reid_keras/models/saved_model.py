@@ -13,6 +13,11 @@ Inside the graph, images are cast to float32 0..255, resized bilinearly (no anti
 training size and passed through the backbone's preprocessing, exactly as `prepare_images` does in
 Python. The folder is written under a temporary name next to `--out` and renamed when complete.
 The export is for inference: custom gradients are not saved, so it cannot be fine-tuned.
+
+No NaN model is exported or served: `export_model` refuses NaN / inf weights and endpoints that give
+NaN / inf on two probe images (finite weights that overflow); `load_export` reads a folder through
+`reid_keras.models.loading` (damaged files named, NaN / inf weights refused) and `match_images`
+refuses NaN / inf outputs.
 """
 from __future__ import annotations
 
@@ -159,6 +164,11 @@ def export_model(model, out_dir: str, image_size: Optional[Sequence[int]] = None
 
     Returns:
         `out_dir`.
+
+    Raises:
+        ExportError: no "embedding" sub-model, a verifier that is not a pair view, an image size other
+            than the model's, NaN / inf weights (naming the first such variable) or NaN / inf outputs
+            on the probe images (`probe_images`). Nothing is written then.
     """
     import keras
     import tensorflow as tf
@@ -239,7 +249,8 @@ def read_metadata(export_dir: str) -> dict:
     except (OSError, ValueError) as err:
         raise ExportError(f"{path!r} is damaged (not readable JSON: {err}): export the model again") from None
     if not isinstance(metadata, dict):
-        raise ExportError(f"{path!r} is damaged (a JSON {type(metadata).__name__}, not an object): export the model again")
+        raise ExportError(f"{path!r} is damaged (a JSON {type(metadata).__name__}, not an object): "
+                          "export the model again")
     return metadata
 
 
