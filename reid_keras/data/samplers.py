@@ -261,3 +261,37 @@ class PKSampler:
 
     def epoch(self, epoch: int, num_batches: int, seed: int) -> np.ndarray:
         return self.sample(num_batches, np.random.default_rng([int(seed), int(epoch)]))
+
+
+class ShuffledBatchSampler:
+    """Batches of `batch_size` records in shuffled passes, addressable by (epoch, step).
+
+    Pass `p` is the permutation `default_rng([seed, p])` of all records cut into `len // batch_size`
+    batches (the remainder is left out of that pass). Training epochs need not align with passes:
+    batch `t` of epoch `e` (with `num_batches` per epoch) is overall batch `e * num_batches + t`,
+    so any epoch (or a resumed part of one) is drawn without replaying the ones before it.
+    """
+
+    def __init__(self, num_records: int, batch_size: int):
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if int(num_records) < int(batch_size):
+            raise ValueError(f"{num_records} records are less than one batch of {batch_size}")
+        self.num_records, self.batch_size = int(num_records), int(batch_size)
+        self.batches_per_pass = self.num_records // self.batch_size
+
+    def epoch(self, epoch: int, num_batches: int, seed: int) -> np.ndarray:
+        """Record indices of epoch `epoch`, shape (num_batches, batch_size)."""
+        if num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        first = int(epoch) * int(num_batches)
+        overall = np.arange(first, first + int(num_batches))
+        passes = overall // self.batches_per_pass
+        out = np.empty((len(overall), self.batch_size), dtype=np.int64)
+        for p in np.unique(passes):
+            order = np.random.default_rng([int(seed), int(p)]).permutation(self.num_records)
+            rows = np.flatnonzero(passes == p)
+            within = overall[rows] % self.batches_per_pass
+            starts = within[:, None] * self.batch_size + np.arange(self.batch_size)
+            out[rows] = order[starts]
+        return out
