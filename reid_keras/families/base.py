@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
 import os
 from typing import Mapping, Optional
 
@@ -27,6 +29,9 @@ class Recipe:
     `accumulate_steps` feeds each batch as that many micro-batches and averages their gradients into
     one update (about 1/N of the activation memory). `lr_schedule` is a dict for
     `training.optimizers.learning_rate_schedule`. `momentum` / `nesterov` are SGD's.
+    `checkpoint_every_minutes` / `checkpoint_every_steps` (None: off) write the resume state inside
+    an epoch (and during an identity warm-up) besides every epoch end: a kill loses at most that much
+    work. Numbers are checked by `NUMBER_RULES` (a recipe of any family), naming the key and value.
     """
 
     backbone: object = "resnet50"  # a `backbones.build_backbone` name, or a ready no-top keras.Model
@@ -45,8 +50,11 @@ class Recipe:
     steps_per_epoch: Optional[int] = None
     accumulate_steps: int = 1
     jit_compile: bool = False
+    checkpoint_every_minutes: Optional[float] = 2.0  # a kill loses at most ~2 minutes of work
+    checkpoint_every_steps: Optional[int] = None
 
     def __post_init__(self):
+        check_numbers(self)
         self._set("image_size", as_hw(self.image_size, "image_size"))
         if self.augment:
             AugmentConfig(**self.augment)  # unknown keys / bad values fail here, not in the first epoch
@@ -80,6 +88,58 @@ class Recipe:
 
     def augment_config(self) -> Optional[AugmentConfig]:
         return AugmentConfig(**self.augment) if self.augment else None
+
+
+def finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# Recipe key -> (test, what the value must be), for the keys several families share; a family checks its own
+# keys with `check_numbers(recipe, ITS_RULES)`. A key applies to every recipe that has it; None is accepted
+# where the rule says "or None". Checked in `Recipe.__post_init__`.
+NUMBER_RULES = {
+    "learning_rate": (lambda v: finite(v) and v > 0, "a finite number > 0"),
+    "id_warmup_lr": (lambda v: finite(v) and v > 0, "a finite number > 0"),
+    "momentum": (lambda v: finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "weight_decay": (lambda v: v is None or (finite(v) and v >= 0), "a finite number >= 0 or None"),
+    "batch_size": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
+    "epochs": (lambda v: integer(v) and v >= 0, "an integer >= 0"),
+    "steps_per_epoch": (lambda v: v is None or (integer(v) and v >= 1), "an integer >= 1 or None"),
+    "accumulate_steps": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
+    "checkpoint_every_minutes": (lambda v: v is None or (finite(v) and v > 0), "a finite number > 0 or None"),
+    "checkpoint_every_steps": (lambda v: v is None or (integer(v) and v >= 1), "an integer >= 1 or None"),
+    "id_warmup_steps": (lambda v: integer(v) and v >= 0, "an integer >= 0"),
+    "dropout": (lambda v: finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "label_smoothing": (lambda v: finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "feature_dim": (lambda v: v is None or (integer(v) and v >= 1), "an integer >= 1 or None"),
+    "pairs_per_epoch": (lambda v: v is None or (integer(v) and v >= 1), "an integer >= 1 or None"),
+    "pair_ratio": (lambda v: v == "idver" or (finite(v) and v > 0), "a finite number > 0 or 'idver'"),
+}
+
+
+def margin(value) -> bool:
+    """A positive margin, also as the command line's text ("0.3"), or "soft"."""
+    if isinstance(value, str):
+        if value.strip().lower() == "soft":
+            return True
+        try:
+            value = float(value)
+        except ValueError:
+            return False
+    return finite(value) and value > 0
+
+
+def check_numbers(recipe, rules=None) -> None:
+    """Refuse a recipe whose numeric values are out of range (a learning rate of -1, a batch of 0, an inf
+    weight decay), naming the key, what it must be and the value; keys a recipe lacks are skipped.
+    `rules` (default `NUMBER_RULES`) maps a key to (test, expectation)."""
+    for key, (valid, expected) in (NUMBER_RULES if rules is None else rules).items():
+        if hasattr(recipe, key) and not valid(getattr(recipe, key)):
+            raise ValueError(f"{key} must be {expected}, got {getattr(recipe, key)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +188,11 @@ class Task:
     """How the trainer builds, feeds, evaluates and exports one family's model.
 
     Subclasses implement `build(num_train_ids) -> (compiled keras.Model, weights info dict)` (called in
-    the strategy scope) and `train_dataset(records, initial_epoch, epochs, global_batch) ->
-    (tf.data.Dataset of whole batches, steps per epoch)`; the runner cuts the batches into
-    micro-batches when the recipe accumulates gradients.
+    the strategy scope) and `train_dataset(records, initial_epoch, epochs, global_batch, initial_step=0)
+    -> (tf.data.Dataset of whole batches, steps per epoch)`: the stream starts after `initial_step`
+    batches of epoch `initial_epoch` (a resumed run) and must give, from there on, exactly the batches
+    and augmentation seeds of an uninterrupted run (`data.pipelines` streams are addressed by epoch and
+    step). The runner cuts the batches into micro-batches when the recipe accumulates gradients.
     """
 
     def __init__(self, recipe: Recipe, seed: int = 0):
@@ -154,8 +216,11 @@ class Task:
         """Refuse a batch layout the losses cannot take once split over `num_replicas` replicas (and
         `recipe.accumulate_steps` micro-batches); nothing to refuse by default."""
 
-    def prepare(self, model, dataset, weights_info: dict, strategy, verbose) -> Optional[dict]:
-        """Work before the first epoch of a fresh run (not a resumed one); returns facts for config.json."""
+    def prepare(self, model, dataset, weights_info: dict, strategy, verbose, checkpoints=None) -> Optional[dict]:
+        """Work before the first epoch (e.g. an identity warm-up); returns facts for config.json, or None when
+        there was nothing to do. Never called again once the run's training state exists. `checkpoints`
+        (a `training.snapshot.PhaseCheckpoints`, or None) is where long work saves its progress and finds
+        the progress of an interrupted start."""
         return None
 
     def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:

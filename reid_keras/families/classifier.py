@@ -10,10 +10,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from reid_keras.families.base import Family, Preset, Recipe, Task
+from reid_keras.families.base import Family, Preset, Recipe, Task, check_numbers, finite, integer, margin
 from reid_keras.models.classifier import DEFAULT_DROPOUT, parse_losses
 
 SAMPLERS = ("pk", "random")
+# The numbers only this family reads (families/base.py NUMBER_RULES has the shared ones).
+NUMBER_RULES = {
+    "triplet_margin": (margin, "a finite number > 0 or 'soft'"),
+    "oim_momentum": (lambda v: finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "oim_scale": (lambda v: v is None or (finite(v) and v > 0), "a finite number > 0 or None"),
+    "oim_temperature": (lambda v: v is None or (finite(v) and v > 0), "a finite number > 0 or None"),
+    "P": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
+    "K": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +49,7 @@ class ClassifierRecipe(Recipe):
 
     def __post_init__(self):
         super().__post_init__()
+        check_numbers(self, NUMBER_RULES)
         heads = parse_losses(self.losses)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler {self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
@@ -136,14 +146,15 @@ class ClassifierTask(Task):
                            triplet_margin=r.triplet_margin, loss_weights=r.loss_weights, jit_compile=r.jit_compile)
         return model, info.to_dict()
 
-    def train_dataset(self, records, initial_epoch: int, epochs: int, global_batch: int):
-        """`((images[, pids]), {head: pids})` batches and the steps per epoch.
+    def train_dataset(self, records, initial_epoch: int, epochs: int, global_batch: int, initial_step: int = 0):
+        """`((images[, pids]), {head: pids})` batches from step `initial_step` of epoch `initial_epoch`, and the
+        steps per epoch.
 
         Under MirroredStrategy each replica gets a contiguous slice of the P x K batch; with P a
         multiple of the replica count every slice holds whole identities, so the batch-hard mining of
         each replica (see `BatchHardTripletLoss`) still finds all K-1 positives of every anchor.
         """
-        from reid_keras.data.pipelines import image_dataset, pk_dataset
+        from reid_keras.data.pipelines import pk_dataset, random_batch_dataset
 
         r = self.recipe
         if r.sampler == "pk":
@@ -154,14 +165,13 @@ class ClassifierTask(Task):
                                  "change P / K")
             steps = r.steps_per_epoch or max(len(records) // (P * K), 1)
             ds = pk_dataset(records, P, K, self.image_size, preprocess=r.preprocessing, augment=r.augment_config(),
-                            seed=self.seed, epochs=epochs, initial_epoch=initial_epoch, batches_per_epoch=steps,
-                            drop_small_ids=r.drop_small_ids)
+                            seed=self.seed, epochs=epochs, initial_epoch=initial_epoch, initial_step=initial_step,
+                            batches_per_epoch=steps, drop_small_ids=r.drop_small_ids)
         else:
             steps = r.steps_per_epoch or max(len(records) // int(global_batch), 1)
-            # A resumed run reshuffles from another seed instead of replaying epoch 0's order.
-            ds = image_dataset(records, self.image_size, global_batch, preprocess=r.preprocessing,
-                               augment=r.augment_config(), shuffle=True, seed=self.seed + int(initial_epoch),
-                               drop_remainder=True).repeat()
+            ds = random_batch_dataset(records, global_batch, self.image_size, preprocess=r.preprocessing,
+                                      augment=r.augment_config(), seed=self.seed, epochs=epochs,
+                                      initial_epoch=initial_epoch, initial_step=initial_step, batches_per_epoch=steps)
         heads, with_pid = self.heads, "oim" in self.heads
 
         def to_model(images, pids):

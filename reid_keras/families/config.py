@@ -14,8 +14,10 @@ from reid_keras.families.base import Family, Recipe
 # Keys of config.json that are the run's, not the recipe's.
 RUN_KEYS = ("family", "paper", "model", "recipe", "dataset", "data_root", "dataset_options", "seed",
             "mixed_precision", "output", "resume", "devices")
-# Keys that may change between a run and its resumption without invalidating the saved state.
-RESUMABLE_CHANGES = frozenset({"epochs", "resume", "output", "devices"})
+# Keys that may change between a run and its resumption without invalidating the saved state (how often it
+# is saved included).
+RESUMABLE_CHANGES = frozenset({"epochs", "resume", "output", "devices", "checkpoint_every_minutes",
+                               "checkpoint_every_steps"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,13 +13,19 @@ import dataclasses
 from typing import Optional
 
 from reid_keras.data.augment import as_hw
-from reid_keras.families.base import Family, Preset, Recipe, Task
+from reid_keras.families.base import Family, Preset, Recipe, Task, check_numbers, finite, integer
 from reid_keras.models.idver import LOSSES, VERIF_LOSSES
 
 # Pedestrian-shaped crops for input_shape="person" (height x width), and the paper's square crop it replaces.
 PERSON_IMAGE_SIZE = (256, 128)
 PAPER_IMAGE_SIZE = (224, 224)
 INPUT_SHAPES = ("square", "person")
+# The numbers only this family reads (families/base.py NUMBER_RULES has the shared ones).
+NUMBER_RULES = {
+    "contrastive_margin": (lambda v: finite(v) and v > 0, "a finite number > 0"),
+    "lr_drop_epochs": (lambda v: integer(v) and v >= 0, "an integer >= 0"),
+    "lr_drop_factor": (lambda v: finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +57,7 @@ class IdVerRecipe(Recipe):
 
     def __post_init__(self):
         super().__post_init__()
+        check_numbers(self, NUMBER_RULES)
         if self.losses not in LOSSES:
             raise ValueError(f"--losses {self.losses!r}: expected one of {', '.join(LOSSES)}")
         if self.verif_loss not in VERIF_LOSSES:
@@ -175,8 +182,9 @@ class IdVerTask(Task):
             options["crop"] = crop
         return AugmentConfig(**options) if options else None
 
-    def train_dataset(self, records, initial_epoch: int, epochs: int, global_batch: int):
-        """Batches `((image_a, image_b), {output name: target})` and the steps per epoch.
+    def train_dataset(self, records, initial_epoch: int, epochs: int, global_batch: int, initial_step: int = 0):
+        """Batches `((image_a, image_b), {output name: target})` from step `initial_step` of epoch
+        `initial_epoch`, and the steps per epoch.
 
         Targets: `id_a` / `id_b` the pair's identities (0..K-1), `verification` / `distance` the
         `same` flag (1 = same person).
@@ -189,7 +197,7 @@ class IdVerTask(Task):
         pairs = int(r.steps_per_epoch) * global_batch if r.steps_per_epoch else (r.pairs_per_epoch or len(records))
         ds = pair_dataset(records, self.image_size, global_batch, pairs_per_epoch=pairs, schedule=schedule,
                           preprocess=r.preprocessing, augment=self.augment(), seed=self.seed, epochs=epochs,
-                          initial_epoch=initial_epoch, with_ids=True)
+                          initial_epoch=initial_epoch, initial_step=initial_step, with_ids=True)
         source = {"id_a": "pid_a", "id_b": "pid_b", "verification": "same", "distance": "same"}
         names = self.output_names()
         ds = ds.map(lambda images, labels: (images, {name: labels[source[name]] for name in names}))
