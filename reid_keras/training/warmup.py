@@ -11,7 +11,9 @@ the classifier, and then trains the siamese network as the paper does.
 
 The recipe key `id_warmup_steps` (CLI `--id-warmup-steps`) sets the number of steps; it runs only
 when the backbone did not receive pretrained weights, and only at the start of a run (a resumed
-run restores the warmed-up weights from its backup instead).
+run restores the warmed-up weights from its backup instead). The warm-up snapshots itself as the
+recipe's `checkpoint_every_*` say (`training/snapshot.py`): a kill during it resumes at the last
+snapshot's step with the data, seeds and optimizer state of the uninterrupted warm-up.
 """
 from __future__ import annotations
 
@@ -43,29 +45,49 @@ def build_identity_classifier(embedding: keras.Model, num_ids: int, dropout: flo
 
 
 def identity_warmup(model: keras.Model, records, num_ids: int, recipe, seed: int, steps: int, strategy,
-                    verbose="auto") -> dict:
+                    verbose="auto", checkpoints=None) -> dict:
     """Train `model`'s "embedding" sub-model for `steps` P x K steps as an identity classifier.
 
     The classifier shares the embedding's variables, so the siamese model is warmed up in place.
     `recipe` supplies the image size, preprocessing, augmentation, dropout, `id_warmup_lr` and
-    `jit_compile`. Returns a summary for config.json: steps, seconds, and the last batch's loss and accuracy.
-    """
-    from reid_keras.data.pipelines import pk_dataset
+    `jit_compile`. With `checkpoints` (a `snapshot.PhaseCheckpoints`) the warm-up continues from the
+    snapshot found there and writes new ones as it goes. Returns a summary for config.json: steps,
+    the step it resumed at, seconds (of this part), and the last batch's loss and accuracy.
 
+    Raises:
+        ValueError: the loss became non-finite or exploded (naming `id_warmup_lr`).
+    """
+    import os
+
+    from reid_keras.data.pipelines import pk_dataset
+    from reid_keras.training.callbacks import DivergenceGuard, WarmupBackup
     from reid_keras.training.optimizers import make_optimizer
+    from reid_keras.training.snapshot import load_snapshot
 
     embedding = model.get_layer("embedding")
     with strategy.scope():
         classifier = build_identity_classifier(embedding, num_ids, dropout=recipe.dropout)
         classifier.compile(make_optimizer("adam", recipe.id_warmup_lr), loss="sparse_categorical_crossentropy",
                            metrics=["accuracy"], jit_compile=recipe.jit_compile)
+        done, snapshot = 0, None
+        if checkpoints is not None and os.path.exists(checkpoints.path):
+            snapshot = load_snapshot(classifier, checkpoints.path)
+            done = int(snapshot.position.get("step", 0)) if snapshot.position.get("steps") == steps else 0
     P = min(WARMUP_P, num_ids)  # small datasets: every identity in each batch
-    data = pk_dataset(records, P, WARMUP_K, recipe.image_size, preprocess=recipe.preprocessing,
-                      augment=recipe.augment_config(), seed=seed + 7919, batches_per_epoch=steps)
     print(f"identity warm-up: {steps} steps of {P} ids x {WARMUP_K} images over {num_ids} training ids "
-          "(backbone has no pretrained weights)", flush=True)
-    started = time.time()
-    history = classifier.fit(data, epochs=1, steps_per_epoch=steps, verbose=verbose, shuffle=False)
-    last = {k: float(v[-1]) for k, v in history.history.items()}
-    return {"steps": steps, "P": P, "K": WARMUP_K, "seconds": round(time.time() - started, 1),
-            "final_loss": last.get("loss"), "final_accuracy": last.get("accuracy")}
+          "(backbone has no pretrained weights)" + (f"; resuming after step {done}" if done else ""), flush=True)
+    started, last = time.time(), {}
+    guard = DivergenceGuard(cause=f"id_warmup_lr={recipe.id_warmup_lr:g}")
+    callbacks = [guard] + ([WarmupBackup(checkpoints, steps, done, guard, snapshot)] if checkpoints else [])
+    if done < steps:
+        data = pk_dataset(records, P, WARMUP_K, recipe.image_size, preprocess=recipe.preprocessing,
+                          augment=recipe.augment_config(), seed=seed + 7919, batches_per_epoch=steps,
+                          initial_step=done)
+        history = classifier.fit(data, epochs=1, steps_per_epoch=steps - done, verbose=verbose, shuffle=False,
+                                 callbacks=callbacks)
+        last = {k: float(v[-1]) for k, v in history.history.items()}
+    if guard.tripped:
+        raise ValueError(guard.message("the identity warm-up"))
+    return {"steps": steps, "resumed_at_step": done, "P": P, "K": WARMUP_K,
+            "seconds": round(time.time() - started, 1), "final_loss": last.get("loss"),
+            "final_accuracy": last.get("accuracy")}
