@@ -180,6 +180,14 @@ def _other_architecture_weights(src, dst):
     _rezip(src, dst, replace={"model.weights.h5": zipfile.ZipFile(path).read("model.weights.h5")})
 
 
+def _rename_layer_class(src, dst, module, class_name, registered_name):
+    """`src` whose config.json names another class for its Subtract layer."""
+    config = json.loads(zipfile.ZipFile(src).read("config.json"))
+    layer = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Subtract")
+    layer.update(module=module, class_name=class_name, registered_name=registered_name)
+    _rezip(src, dst, replace={"config.json": json.dumps(config).encode()})
+
+
 KERAS_DAMAGE = {
     "truncated to half": (lambda s, d: (shutil.copy(s, d), _truncate(d, os.path.getsize(s) // 2)),
                           "not a complete zip archive (it starts like one but its end is missing"),
@@ -198,6 +206,12 @@ KERAS_DAMAGE = {
                                         "its weights (model.weights.h5) do not fit the architecture in its config.json "
                                         "(weights of another model?); layer 'dense': a variable of shape (84, 8) gets "
                                         "(84, 4) from the file"),
+    "unregistered class": (lambda s, d: _rename_layer_class(s, d, "reid_keras.models.layers", "NoSuchLayer",
+                                                            "reid_keras>NoSuchLayer"),
+                           "it uses the class 'NoSuchLayer' (module reid_keras.models.layers), which is not "
+                           "registered: call reid_keras.families.register_serializables() first"),
+    "class Keras lacks": (lambda s, d: _rename_layer_class(s, d, "keras.layers", "NoSuchLayer", None),
+                          "its config.json names 'keras.layers.NoSuchLayer', which this Keras"),
 }
 
 

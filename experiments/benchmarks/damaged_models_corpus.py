@@ -141,6 +141,14 @@ def _edit_keras(src, dst, value):
     model.save(dst)
 
 
+def _rename_layer_class(src, dst, module, class_name, registered_name):
+    """`src` whose config.json names another class for its Subtract layer."""
+    config = json.loads(zipfile.ZipFile(src).read("config.json"))
+    layer = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Subtract")
+    layer.update(module=module, class_name=class_name, registered_name=registered_name)
+    _rezip(src, dst, replace={"config.json": json.dumps(config).encode()})
+
+
 def export_case(fn):
     """Damage: a copy of the export folder as case/export, then `fn(copy)`."""
     def damage(src, case):
@@ -222,6 +230,10 @@ def corpus(s: dict) -> list:
         (".keras: one byte flipped (CRC)", s["keras"], copied(lambda p: _flip_byte(p, size // 2)), kf),
         (".keras: weights of another architecture", s["keras"],
          keras_case(lambda a, b: _rezip(a, b, replace={"model.weights.h5": other_weights})), kf),
+        (".keras: a layer class that is not registered", s["keras"], keras_case(
+            lambda a, b: _rename_layer_class(a, b, "reid_keras.models.layers", "Gone", "reid_keras>Gone")), kf),
+        (".keras: a layer class Keras lacks", s["keras"],
+         keras_case(lambda a, b: _rename_layer_class(a, b, "keras.layers", "NoSuchLayer", None)), kf),
         (".keras: one NaN weight", s["keras"], keras_case(lambda a, b: _edit_keras(a, b, float("nan"))), kf),
         (".keras: finite weights, outputs overflow", s["keras"], keras_case(lambda a, b: _edit_keras(a, b, 3e38)), kf),
         (".weights.h5 file given as model", s["weights_h5"], None, every),

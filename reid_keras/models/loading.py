@@ -238,6 +238,12 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else type(err).__name__
 
 
+def _keras_version() -> str:
+    import keras
+
+    return f"Keras {keras.__version__}"
+
+
 def _keras_failure(path: str, err: Exception) -> str:
     text = str(err)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -251,9 +257,17 @@ def _keras_failure(path: str, err: Exception) -> str:
         where = f"layer {layer.group(1)!r}: " if layer and not detail.startswith("Layer ") else ""
         return (f"could not load {path!r}: its weights ({KERAS_WEIGHTS[0]}) do not fit the architecture in its "
                 f"{KERAS_CONFIG} (weights of another model?); {where}{detail}")
-    if "Could not locate" in text or "Unknown layer" in text or "not registered" in text:
-        return (f"could not load {path!r}: {_first_line(err)}. Its layers must be registered first "
-                "(reid_keras.families.register_serializables())")
+    unknown = re.search(r"Could not locate class '([^']+)'", text)
+    if unknown:
+        module = re.search(r"Full object config: \{'module': '([^']+)'", text)
+        where = f" (module {module.group(1)})" if module else ""
+        return (f"could not load {path!r}: it uses the class {unknown.group(1)!r}{where}, which is not registered: "
+                "call reid_keras.families.register_serializables() first (the commands do), or the file needs a "
+                "newer reid_keras")
+    foreign = re.search(r"Could not deserialize '([^']+)' because it is not a KerasSaveable", text)
+    if foreign:
+        return (f"could not load {path!r}: its {KERAS_CONFIG} names {foreign.group(1)!r}, which this Keras "
+                f"({_keras_version()}) does not have (written by another Keras version, or edited?)")
     if "safe_mode" in text or "Lambda" in text:
         return f"could not load {path!r}: {_first_line(err)} (reid_keras models contain no Lambda layers)"
     return f"could not load {path!r}: {type(err).__name__}: {_first_line(err)}"
