@@ -19,10 +19,25 @@ from reid_keras.cli import match
 from reid_keras.models import loading
 from reid_keras.models.loading import ModelLoadError, NonFiniteModelError
 from reid_keras.models.saved_model import ExportError, export_model
-from tests.eval_helpers import IMAGE_SIZE, build_tiny_models, write_market_tree
+from tests.eval_helpers import IMAGE_SIZE, write_market_tree
 
 SHARD = os.path.join("variables", "variables.data-00000-of-00001")
 INDEX = os.path.join("variables", "variables.index")
+
+
+def tiny_siamese(units=8):
+    """`tests.eval_helpers.build_tiny_models`' siamese with every layer named: the messages name layers and
+    variables, and Keras numbers unnamed layers by what the process built before (dense_2 after two)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input(IMAGE_SIZE + (3,))
+    x = keras.layers.Rescaling(1.0 / 255, name="rescaling")(inp)
+    x = keras.layers.Flatten(name="flatten")(keras.layers.Conv2D(4, 3, strides=2, activation="relu", name="conv2d")(x))
+    embedding = keras.Model(inp, keras.layers.Dense(units, name="dense")(x), name="embedding")
+    a, b = keras.Input(IMAGE_SIZE + (3,), name="image_a"), keras.Input(IMAGE_SIZE + (3,), name="image_b")
+    diff = keras.layers.Subtract(name="subtract")([embedding(a), embedding(b)])
+    return keras.Model([a, b], keras.layers.Dense(2, activation="softmax", name="verification")(diff), name="siamese")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +51,7 @@ def intact(tmp_path_factory):
     root = tmp_path_factory.mktemp("damaged")
     run = root / "run"
     run.mkdir()
-    _, siamese = build_tiny_models()
+    siamese = tiny_siamese()
     siamese.save(str(run / "last.keras"))
     (run / "config.json").write_text(json.dumps({"family": "siamese", "preprocessing": "none"}))
     with contextlib.redirect_stdout(io.StringIO()):
@@ -165,18 +180,9 @@ def _rezip(src, dst, drop=None, replace=None):
 
 
 def _other_architecture_weights(src, dst):
-    """The tiny siamese's layout with a 4-d embedding where ours has 8: same layer names, other shapes."""
-    import keras
-
-    inp = keras.Input(IMAGE_SIZE + (3,))
-    x = keras.layers.Rescaling(1.0 / 255, name="rescaling")(inp)
-    x = keras.layers.Flatten(name="flatten")(keras.layers.Conv2D(4, 3, strides=2, name="conv2d")(x))
-    embedding = keras.Model(inp, keras.layers.Dense(4, name="dense")(x), name="embedding")
-    a, b = keras.Input(IMAGE_SIZE + (3,)), keras.Input(IMAGE_SIZE + (3,))
-    diff = keras.layers.Subtract(name="subtract")([embedding(a), embedding(b)])
-    other = keras.Model([a, b], keras.layers.Dense(2, name="dense_1")(diff))
+    """Weights of the same layout with a 4-d embedding where ours has 8: same layer names, other shapes."""
     path = os.path.join(os.path.dirname(dst), "other.keras")
-    other.save(path)
+    tiny_siamese(units=4).save(path)
     _rezip(src, dst, replace={"model.weights.h5": zipfile.ZipFile(path).read("model.weights.h5")})
 
 
