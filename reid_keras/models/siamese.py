@@ -1,7 +1,7 @@
 """Siamese EfficientNet verification model (efficientnet_siamese_cuhk01.txt §II, Fig. 2).
 
     image_a ─┐                      ┌─ f1 ─┐
-             ├─ embedding (shared) ─┤      ├─ SquareLayer (f1−f2)² ─ Dropout ─ Dense ─ P(same)
+             ├─ embedding (shared) ─┤      ├─ SquareLayer (f1−f2)² ─ Dropout ─ head ─ P(same)
     image_b ─┘                      └─ f2 ─┘
 
 `embedding` is one sub-model applied to both inputs (shared weights): a keras.applications
@@ -17,6 +17,16 @@ Heads:
   head's single output means.
 - "sigmoid" (the authors' released code): Dense(1, sigmoid) with binary cross-entropy.
 
+Head metric (`head_metric`), for either head; the layer is named "verification" in both:
+- "free" (the paper, §II.C): a Dense layer, whose weights on (f1−f2)² take both signs.
+  Trained this way on the synthetic data, it ranks a gallery badly (rank-1 0.8 % where the same
+  model's cosine embedding gives 49.9 %): a pair may score "same" because it differs on channels
+  with positive weights, so a few gallery images with large features score "same" with every query.
+- "nonneg": `layers.DiagonalMetricHead`, P(same) = sigmoid(threshold − Σ m_k (f1_k − f2_k)²) with
+  m ≥ 0: a learned diagonal metric, so P(same) never rises as two images' features move apart.
+  With the 2-way softmax its logits are (0, threshold − d): logit(same) − logit(different) is the
+  monotone quantity, and P(same) is the same as the sigmoid head's. The default recipe's head.
+
 Use `loss_and_metrics(head)` for the matching loss, and `same_probability(outputs)` to read P(same)
 from either head.
 """
@@ -29,9 +39,10 @@ from keras import layers
 
 from reid_keras.models.backbones import WeightsInfo, build_backbone, check_image_size
 from reid_keras.models.embedding import build_embedding
-from reid_keras.models.layers import SquareLayer
+from reid_keras.models.layers import DiagonalMetricHead, SquareLayer
 
 HEADS = ("softmax", "sigmoid")
+HEAD_METRICS = ("nonneg", "free")  # DiagonalMetricHead (metric weights >= 0), or the paper's Dense
 SAME_INDEX = 1  # softmax head column holding P(same person); column 0 is P(different)
 # The authors' released code uses Dropout(0.2) before the last layer; the paper gives no rate.
 DEFAULT_DROPOUT = 0.2
@@ -39,7 +50,7 @@ DEFAULT_DROPOUT = 0.2
 
 def build_siamese(backbone: str = "efficientnetb0", image_size: Sequence[int] = (160, 80), weights=None,
                   dropout: float = DEFAULT_DROPOUT, head: str = "softmax", pooling: str = "avg",
-                  feature_dim: Optional[int] = None, return_weights_info: bool = False):
+                  feature_dim: Optional[int] = None, head_metric: str = "free", return_weights_info: bool = False):
     """Build the siamese verification model as a Keras functional model.
 
     Args:
@@ -50,6 +61,8 @@ def build_siamese(backbone: str = "efficientnetb0", image_size: Sequence[int] = 
         head: "softmax" (2 units, index 1 = same) or "sigmoid" (1 unit = P(same)).
         pooling: "avg" or "max" global pooling of the backbone's feature map.
         feature_dim: optional 1×1 projection width before pooling (authors' code: 4096).
+        head_metric: "free" (the paper's Dense on (f1−f2)²) or "nonneg" (`DiagonalMetricHead`: P(same)
+            falls with every squared difference).
         return_weights_info: also return the backbone's `WeightsInfo` (for config.json).
 
     Returns:
@@ -63,6 +76,8 @@ def build_siamese(backbone: str = "efficientnetb0", image_size: Sequence[int] = 
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)}")
+    if head_metric not in HEAD_METRICS:
+        raise ValueError(f"unknown head_metric {head_metric!r}: expected one of {', '.join(HEAD_METRICS)}")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     height, width = check_image_size(image_size)
@@ -73,7 +88,9 @@ def build_siamese(backbone: str = "efficientnetb0", image_size: Sequence[int] = 
     f1, f2 = embedding(image_a), embedding(image_b)
     x = SquareLayer(name="square")([f1, f2])
     x = layers.Dropout(float(dropout), name="dropout")(x)
-    if head == "softmax":
+    if head_metric == "nonneg":
+        out = DiagonalMetricHead(head, name="verification")(x)
+    elif head == "softmax":
         out = layers.Dense(2, activation="softmax", name="verification")(x)
     else:
         out = layers.Dense(1, activation="sigmoid", name="verification")(x)
@@ -89,6 +106,11 @@ def head_of(model: keras.Model) -> str:
     if units == 1:
         return "sigmoid"
     raise ValueError(f"{model.name}: output has {units} units; a verification head has 2 (softmax) or 1 (sigmoid)")
+
+
+def head_metric_of(model: keras.Model) -> str:
+    """"nonneg" or "free": whether the model's "verification" layer is a `DiagonalMetricHead`."""
+    return "nonneg" if isinstance(model.get_layer("verification"), DiagonalMetricHead) else "free"
 
 
 def same_probability(outputs):
@@ -125,4 +147,4 @@ def compile_siamese(model: keras.Model, optimizer, jit_compile=False) -> keras.M
 
 
 __all__ = ["build_siamese", "loss_and_metrics", "compile_siamese", "same_probability",
-           "head_of", "SAME_INDEX", "HEADS", "WeightsInfo"]
+           "head_of", "head_metric_of", "SAME_INDEX", "HEADS", "HEAD_METRICS", "WeightsInfo"]
