@@ -340,3 +340,73 @@ def test_verification_distance_is_the_heads_logit_in_closed_form(head):
         logit = np.log(probs[:, 0]) - np.log1p(-probs[:, 0]) - model.get_layer("verification").bias.numpy()[0]
     np.testing.assert_allclose(distmat.reshape(-1), -logit, rtol=1e-3, atol=1e-4)
     assert np.ptp(logit) > 1e-2  # the comparison is sensitive: logits differ between pairs
+
+
+# --- the non-negative diagonal metric head (issue 12 item 7) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def nonneg_siamese():
+    from tests.fixtures.siamese_models import calibrate_batchnorm
+
+    keras.utils.set_random_seed(3)
+    model = build_siamese("efficientnetb0", IMAGE_SIZE, weights=None, head_metric="nonneg")
+    calibrate_batchnorm(model.get_layer("embedding"), random_images(16, seed=103))
+    # calibrated features are large (std ~20): small random weights keep P(same) away from 0 and 1
+    layer = model.get_layer("verification")
+    layer.metric.assign(np.random.default_rng(3).uniform(0, 2e-6, layer.metric.shape).astype("float32"))
+    return model
+
+
+def test_nonneg_head_on_the_siamese_model_ranks_by_its_own_logit(nonneg_siamese, tmp_path):
+    """The head adds 1280 + 1 weights; `verification_distance` (written for a Dense head) reads it with the
+    right sign: its distance is -(logit same - logit different) of the model's own output; .keras round trip."""
+    from reid_keras.families.siamese import verification_distance
+    from reid_keras.models.layers import DiagonalMetricHead
+    from reid_keras.models.siamese import head_metric_of
+
+    model = nonneg_siamese
+    assert model.count_params() == BACKBONE_PARAMS["efficientnetb0"] + 1280 + 1
+    assert head_of(model) == "softmax" and head_metric_of(model) == "nonneg"
+    query, gallery = random_images(3, seed=5), random_images(4, seed=6)
+    embedding = model.get_layer("embedding")
+    distmat = verification_distance(model, np.asarray(embedding(query)), np.asarray(embedding(gallery)))
+    a = np.repeat(query, len(gallery), axis=0)
+    b = np.tile(gallery, (len(query), 1, 1, 1))
+    probs = np.asarray(model([a, b], training=False), dtype=np.float64)
+    logit = np.log(probs[:, 1]) - np.log(probs[:, 0]) - float(model.get_layer("verification").threshold.numpy())
+    np.testing.assert_allclose(distmat.reshape(-1), -logit, rtol=1e-3, atol=1e-4)
+    assert np.ptp(logit) > 1e-2 and (distmat >= 0).all()  # a weighted squared distance, pairs differ
+
+    path = tmp_path / "nonneg.keras"
+    atomic_save_keras(model, str(path))
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    assert isinstance(loaded.get_layer("verification"), DiagonalMetricHead)
+    np.testing.assert_allclose(loaded([a, b], training=False), probs, rtol=1e-5, atol=1e-6)
+
+
+def test_presets_choose_the_head_metric():
+    from reid_keras.families.siamese import SiameseRecipe
+
+    entry = get_preset("siamese_b0")[1]
+    assert entry.resolve("paper").head_metric == "free"  # §II.C: a Dense on (f1 - f2)^2
+    assert entry.resolve("default").head_metric == "nonneg"
+    assert SiameseRecipe().head_metric == "free"
+    with pytest.raises(ValueError, match="unknown head_metric 'l2': expected one of nonneg, free"):
+        SiameseRecipe(head_metric="l2")
+    with pytest.raises(ValueError, match="unknown head_metric 'l2': expected one of nonneg, free"):
+        build_siamese(head_metric="l2")
+
+
+# TODO(lead): remove the xfail when SiameseTask.build passes head_metric=r.head_metric to build_siamese
+# (strict: the test fails as soon as that change lands, so the marker cannot be forgotten).
+NEEDS_TASK_HEAD_METRIC = pytest.mark.xfail(strict=True, reason="SiameseTask.build does not pass head_metric yet")
+
+
+@pytest.mark.parametrize("recipe, layer_type", [
+    ("paper", "Dense"), pytest.param("default", "DiagonalMetricHead", marks=NEEDS_TASK_HEAD_METRIC)])
+def test_task_builds_the_recipes_head(recipe, layer_type):
+    from reid_keras.families.siamese import SiameseTask
+
+    values = get_preset("siamese_b0")[1].resolve(recipe).replace(image_size=IMAGE_SIZE, weights="none")
+    model, _ = SiameseTask(values).build(num_train_ids=4)
+    assert type(model.get_layer("verification")).__name__ == layer_type
