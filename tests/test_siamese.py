@@ -397,13 +397,8 @@ def test_presets_choose_the_head_metric():
         build_siamese(head_metric="l2")
 
 
-# TODO(lead): remove the xfail when SiameseTask.build passes head_metric=r.head_metric to build_siamese
-# (strict: the test fails as soon as that change lands, so the marker cannot be forgotten).
-NEEDS_TASK_HEAD_METRIC = pytest.mark.xfail(strict=True, reason="SiameseTask.build does not pass head_metric yet")
-
-
 @pytest.mark.parametrize("recipe, layer_type", [
-    ("paper", "Dense"), pytest.param("default", "DiagonalMetricHead", marks=NEEDS_TASK_HEAD_METRIC)])
+    ("paper", "Dense"), ("default", "DiagonalMetricHead")])
 def test_task_builds_the_recipes_head(recipe, layer_type):
     from reid_keras.families.siamese import SiameseTask
 

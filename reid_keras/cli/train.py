@@ -45,6 +45,8 @@ RECIPE_FLAGS = (
                                     "weights before the siamese training (0 = none)")),
     ("--head", "head", dict(choices=["softmax", "sigmoid"], help="verification head: 2-way softmax (paper) or "
                                                                  "1-unit sigmoid (authors' code)")),
+    ("--head-metric", "head_metric", dict(choices=["nonneg", "free"], help="weights of the verification head's "
+        "(f1-f2)^2: nonneg = a learned diagonal metric that ranks (default recipe), free = the paper's Dense")),
     ("--losses", "losses", dict(help="losses joined by '+': id, verif, triplet, oim (e.g. id+verif, id+triplet)")),
     ("--verif-loss", "verif_loss", dict(choices=["crossentropy", "contrastive"],
                                         help="verification loss of the ID+verification models")),

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from reid_keras.families.base import Family, Preset, Recipe, Task, evaluate_embedding, markdown_table
-from reid_keras.models.siamese import DEFAULT_DROPOUT, HEADS
+from reid_keras.models.siamese import DEFAULT_DROPOUT, HEAD_METRICS, HEADS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,8 @@ class SiameseRecipe(Recipe):
     batch_size: int = 48
     epochs: int = 18
     head: str = "softmax"  # §II.C 2-way softmax + cross-entropy; "sigmoid" = the authors' code
+    # §II.C: a Dense on (f1 - f2)^2 ("free"); "nonneg": its weights >= 0, a learned diagonal metric that ranks
+    head_metric: str = "free"
     dropout: float = DEFAULT_DROPOUT
     pooling: str = "avg"
     feature_dim: Optional[int] = None  # authors' code: a 4096-channel 1x1 conv before pooling
@@ -40,12 +42,15 @@ class SiameseRecipe(Recipe):
         super().__post_init__()
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}: expected one of {', '.join(HEADS)}")
+        if self.head_metric not in HEAD_METRICS:
+            raise ValueError(f"unknown head_metric {self.head_metric!r}: expected one of {', '.join(HEAD_METRICS)}")
 
 
 # The main job's recipe: 2-core CPU, about 8 minutes. Without ImageNet weights, 800 steps of identity
 # warm-up stand in for §II.B's ImageNet pretraining, then 600 siamese steps with the paper's optimizer.
+# The head is the non-negative diagonal metric: the paper's free head cannot rank a gallery (models/siamese.py).
 QUICK = {"image_size": (64, 32), "batch_size": 32, "epochs": 6, "steps_per_epoch": 100, "optimizer": "rmsprop",
-         "learning_rate": 1e-4, "id_warmup_steps": 800}
+         "learning_rate": 1e-4, "id_warmup_steps": 800, "head_metric": "nonneg"}
 
 
 def _preset(size: str) -> Preset:
@@ -68,12 +73,12 @@ class SiameseTask(Task):
 
         r = self.recipe
         model, info = build_siamese(r.backbone, r.image_size, weights=r.backbone_weights, dropout=r.dropout,
-                                    head=r.head, pooling=r.pooling, feature_dim=r.feature_dim,
+                                    head=r.head, head_metric=r.head_metric, pooling=r.pooling, feature_dim=r.feature_dim,
                                     return_weights_info=True)
         compile_siamese(model, self.optimizer(), jit_compile=r.jit_compile)
         return model, info.to_dict()
 
-    def train_dataset(self, records, initial_epoch: int, epochs: int, global_batch: int):
+    def train_dataset(self, records, initial_epoch: int, epochs: int, global_batch: int, initial_step: int = 0):
         from reid_keras.data.pipelines import pair_dataset
         from reid_keras.data.samplers import PairRatioSchedule
 
@@ -82,18 +87,20 @@ class SiameseTask(Task):
         pairs = r.steps_per_epoch * global_batch if r.steps_per_epoch else (r.pairs_per_epoch or len(records))
         ds = pair_dataset(records, r.image_size, global_batch, pairs_per_epoch=pairs, schedule=schedule,
                           preprocess=r.preprocessing, augment=r.augment_config(), seed=self.seed, epochs=epochs,
-                          initial_epoch=initial_epoch)
+                          initial_epoch=initial_epoch, initial_step=initial_step)
         return ds, max(pairs // global_batch, 1)
 
-    def prepare(self, model, dataset, weights_info: dict, strategy, verbose) -> Optional[dict]:
-        """The identity warm-up (training/warmup.py), when the backbone got no pretrained weights."""
+    def prepare(self, model, dataset, weights_info: dict, strategy, verbose, checkpoints=None) -> Optional[dict]:
+        """The identity warm-up (training/warmup.py), when the backbone got no pretrained weights; it resumes
+        from and snapshots to `checkpoints`."""
         from reid_keras.training.warmup import identity_warmup, needs_warmup
 
         steps = needs_warmup(self.recipe.id_warmup_steps, weights_info)
         if not steps:
             return None
         return {"runtime_id_warmup": identity_warmup(model, dataset.train, dataset.num_train_ids, self.recipe,
-                                                     self.seed, steps, strategy, verbose=verbose)}
+                                                     self.seed, steps, strategy, verbose=verbose,
+                                                     checkpoints=checkpoints)}
 
     def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:
         from reid_keras.metrics.ranking import evaluate_ranking
