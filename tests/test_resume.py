@@ -366,8 +366,11 @@ def test_killed_in_warmup_mid_epoch_and_in_a_checkpoint_write_resumes_to_the_sam
         json.dump(_config(out, data, resume=True, **every_step).to_json(), handle)
     script = tmp_path / "killed_in_write.py"
     script.write_text(KILLED_IN_WRITE)
+    # The script runs from tmp_path: put this checkout first on its path, whatever `pip install -e` points at.
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")])))
     process = subprocess.Popen([sys.executable, str(script), config_path, marker, "killed"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=os.getcwd())
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=os.getcwd(), env=env)
     deadline = time.time() + 600
     while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
