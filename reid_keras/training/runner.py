@@ -27,10 +27,15 @@ from reid_keras.training.snapshot import PhaseCheckpoints, check_finite
 
 
 def load_training_data(config):
-    """The `ReidDataset` a run config names (`synthetic` is written under data/ once and reused)."""
+    """The `ReidDataset` a run config names (`synthetic` is written under data/ once and reused), without
+    its damaged images: every file is decoded once (verdicts cached, data/decoding.py) and the ones
+    that fail, or decode with a libjpeg "corrupt data" warning, are dropped and counted in its
+    `skipped` report, so one bad query image cannot throw a finished run away."""
     from reid_keras.data.datasets import load_dataset
+    from reid_keras.data.decoding import drop_damaged
 
-    return load_dataset(config.dataset, config.data_root, **config.dataset_options)
+    dataset, _ = drop_damaged(load_dataset(config.dataset, config.data_root, **config.dataset_options))
+    return dataset
 
 
 def run_training(config, name: str | None = None, export: bool = True, plots: bool = True,
@@ -68,7 +73,7 @@ def run_training(config, name: str | None = None, export: bool = True, plots: bo
     update_config(run_dir, runtime_weights=weights_info, runtime_distribution=describe(strategy),
                   runtime_dataset={split: {"ids": i, "images": n, "cameras": c}
                                    for split, i, n, c in dataset.split_stats()},
-                  runtime_dataset_info=dataset.info, runtime_skipped=dataset.skipped.counts)
+                  runtime_dataset_info=dataset.info, runtime_skipped=dataset.skipped.as_dict())
 
     epoch, step, snapshot = _restore_or_prepare(config, task, model, dataset, weights_info, strategy, run_dir)
     if epoch < config.recipe.epochs:
@@ -78,7 +83,7 @@ def run_training(config, name: str | None = None, export: bool = True, plots: bo
     final = os.path.join(run_dir, FINAL_MODEL)
     if not os.path.exists(final):  # --epochs 0: evaluate and export the model as built (or warmed up)
         atomic_save_keras(model, final)
-    metrics = task.evaluate(model, dataset, run_dir, plots=plots)
+    metrics = dict(task.evaluate(model, dataset, run_dir, plots=plots), skipped=dataset.skipped.as_dict())
     write_json(os.path.join(run_dir, "metrics.json"), metrics)
     print(task.format_metrics(metrics), flush=True)
     if export:
