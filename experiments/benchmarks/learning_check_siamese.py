@@ -8,9 +8,9 @@ then scores, on the same held-out split and with the same evaluation engine:
 Prints one table; the trained model must beat both by >= 10 points in rank-1 and mAP.
 
 The verification head (issue 12 item 7) is scored as a ranking of the gallery (rank-1 / mAP from the
-run's metrics.json, and how many queries the most frequent top-1 gallery image takes; the run's
-evaluation averages a mirrored view into the cosine features only, so head and cosine are also ranked
-on the same flip-averaged raw features) and as a same/different classifier: its pair accuracy, P(same) > 0.5, on held-out query x gallery pairs (every
+run's metrics.json, where both rank flip-averaged features, recomputed here from the same features,
+and how many queries the most frequent top-1 gallery image takes) and as a same/different classifier:
+its pair accuracy, P(same) > 0.5 on one view as the verify endpoint serves it, on held-out query x gallery pairs (every
 cross-camera pair of one id, and as many pairs of different ids drawn with a fixed seed), beside the
 last epoch's training pair accuracy. Target: the head within 5 points of the embedding's cosine
 ranking in rank-1 and mAP. `--compare-run DIR` scores another run folder of siamese_b0 on the same
@@ -182,7 +182,8 @@ def main() -> int:
           f"(target >= +10 each): {'PASS' if learns else 'FAIL'}")
 
     print("\nverification head vs embedding cosine, rank-1 / mAP (%): as each run's metrics.json reports them "
-          "(cosine on flip-averaged features, head on one view), and both on the same flip-averaged raw features\n")
+          "(both flip-averaged; runs evaluated before issue 12 ranked the head on one view), and both recomputed\n"
+          "here on the same flip-averaged raw features\n")
     print("| run | head | cosine, metrics.json | head, metrics.json | cosine, same features | head, same features "
           "| top-1 hub (queries) |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for name, h in heads:

@@ -107,7 +107,8 @@ class SiameseTask(Task):
 
         metrics = {"embedding_cosine": evaluate_embedding(model, dataset, run_dir, self.recipe, self.seed, plots)}
         embedding = model.get_layer("embedding")
-        query, gallery = (self._raw_features(embedding, getattr(dataset, s)) for s in ("query", "gallery"))
+        # The head ranks the same flip-averaged views as the cosine ranking above (EvaluationOptions.flip).
+        query, gallery = (self._raw_features(embedding, getattr(dataset, s), flip=True) for s in ("query", "gallery"))
         distmat = verification_distance(model, query, gallery)
         head = evaluate_ranking(distmat, query_pids=[r.pid for r in dataset.query],
                                 gallery_pids=[r.pid for r in dataset.gallery],
@@ -124,7 +125,7 @@ class SiameseTask(Task):
         return metrics
 
     def _cuhk01_protocol(self, dataset, options: dict, distmat) -> dict:
-        """PROTOCOLS.md (c): 10 seeded 100 x 100 trials scored by the verification head (the paper's way)."""
+        """docs/protocols.md (c): 10 seeded 100 x 100 trials scored by the verification head (the paper's way)."""
         from reid_keras.metrics.protocols import evaluate_cuhk01
 
         direction = options.get("direction", "A->B")
@@ -138,14 +139,20 @@ class SiameseTask(Task):
                 "direction": result["direction"], "num_ids": result["num_ids"],
                 "mean_std_percent": {k: [float(v[0]), float(v[1])] for k, v in result["table"].items()}}
 
-    def _raw_features(self, embedding, records) -> np.ndarray:
-        """Un-normalised embeddings (the head was trained on them), aligned with `records`."""
+    def _raw_features(self, embedding, records, flip: bool = False) -> np.ndarray:
+        """Un-normalised embeddings (the head was trained on them), aligned with `records`; `flip` averages
+        each image's with its mirror's, as the cosine evaluation does (metrics/features.py)."""
+        import tensorflow as tf
+
         from reid_keras.data.pipelines import image_dataset
 
         ds = image_dataset(records, self.image_size, 64, preprocess=self.recipe.preprocessing, with_meta=True)
         features, index = [], []
         for images, meta in ds:
-            features.append(np.asarray(embedding(images, training=False), dtype=np.float32))
+            out = np.asarray(embedding(images, training=False), dtype=np.float32)
+            if flip:
+                out = 0.5 * (out + np.asarray(embedding(tf.reverse(images, [2]), training=False), dtype=np.float32))
+            features.append(out)
             index.append(meta["index"].numpy())
         index = np.concatenate(index) if index else np.zeros(0, int)
         if len(index) != len(records):
