@@ -1,6 +1,7 @@
 """SavedModel export (`embed` / `verify` on raw uint8 images), atomic writes, and the match CLI."""
 import json
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -153,6 +154,22 @@ def test_export_cli_bad_arguments(exported, tmp_path, capsys):
     with pytest.raises(ValueError, match="no layer named 'embedding'"):
         export_lib.export_model(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]), str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_export_cli_default_out_is_beside_the_model_or_under_runs(exported, tmp_path, monkeypatch):
+    """Issue 12 item 6: without --out nothing lands in the working directory's root."""
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    shutil.copy(exported[1], run / "best.keras")
+    (run / "config.json").write_text(json.dumps({"family": "siamese", "preprocessing": "efficientnet"}))
+    monkeypatch.chdir(tmp_path)
+    assert export_cli.main(["--model", str(run / "best.keras")]) == 0
+    assert export_lib.read_metadata(str(run / "export_best"))["preprocessing"] == "efficientnet"
+    outside = tmp_path / "loose.keras"
+    shutil.copy(exported[1], outside)
+    assert export_cli.main(["--model", str(outside), "--family", "siamese"]) == 0
+    assert (tmp_path / "runs" / "export" / "loose" / "saved_model.pb").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["loose.keras", "runs"]
 
 
 def _write_png(path, image):

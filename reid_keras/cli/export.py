@@ -1,4 +1,7 @@
-"""`python -m reid_keras.export --model runs/x/last.keras --out runs/x/export`: a SavedModel for serving.
+"""`python -m reid_keras.export --model runs/x/best.keras [--out DIR]`: a SavedModel for serving.
+
+Without `--out` it goes beside the model in its run folder (runs/x/export_best), or under
+runs/export/<name> for a file outside a run folder: never the repository root.
 
 `embed` takes raw uint8 images of any size and returns L2-normalised features; pair models (the
 siamese and ID+verification families with a verification head) also get `verify`, P(same person).
@@ -10,6 +13,9 @@ end the command with exit code 2 and a message naming the file (and the first no
 from __future__ import annotations
 
 import argparse
+import os
+
+from reid_keras.cli.arguments import RUNS, HelpFormatter, add_verbose_argument, model_name, run_folder_of
 
 
 def _default_preprocessing(model_path: str, model) -> str:
@@ -38,14 +44,21 @@ def main(argv=None) -> int:
     from reid_keras.models.loading import ModelLoadError, inspect_model_path, load_keras_model, run_config_beside
     from reid_keras.models.saved_model import PREPROCESSING, export_model, read_metadata
 
-    parser = argparse.ArgumentParser(prog="python -m reid_keras.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m reid_keras.export", description=__doc__.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--model", required=True, help="trained model, a .keras file")
-    parser.add_argument("--out", required=True, help="destination SavedModel folder (replaced atomically)")
+    parser.add_argument("--out", default=None, help="destination SavedModel folder, replaced atomically (default: "
+                                                    "<run folder>/export_<model name>, else runs/export/<model name>)")
     parser.add_argument("--family", choices=sorted(families()), default=None,
                         help="the model's family (default: the run's config.json beside --model)")
     parser.add_argument("--preprocessing", choices=PREPROCESSING,
                         help="backbone preprocessing (default: the run's config.json, else the backbone's)")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    if args.out is None:
+        run = run_folder_of(args.model)
+        name = model_name(args.model)
+        args.out = os.path.join(run, f"export_{name}") if run else os.path.join(RUNS, "export", name)
     try:
         if inspect_model_path(args.model) != "keras":
             raise ModelLoadError(f"--model {args.model!r} is an exported SavedModel folder already: pass the .keras "

@@ -23,6 +23,8 @@ import sys
 
 import numpy as np
 
+from reid_keras.cli.arguments import add_verbose_argument
+
 
 def read_image(path: str) -> np.ndarray:
     """Decode `path` to an RGB uint8 array (H, W, 3).
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("image_b", metavar="IMG_B")
     parser.add_argument("--model", required=True, help="exported SavedModel folder (python -m reid_keras.export)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of two lines")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
 
     from reid_keras.models.loading import ModelLoadError
