@@ -170,19 +170,13 @@ def load_activation_model(path: str, layer: Optional[str] = None,
     Preprocessing: `preprocessing` if given, else the run's config.json beside the file, else the
     backbone's own (a sub-model named resnet50 / vgg16 / efficientnet...), else none (raw 0..255).
     """
-    import keras
-
-    from reid_keras.models.loading import ModelLoadError, _embedding_network, _sidecar_preprocessing
+    from reid_keras.models.loading import (ModelLoadError, _embedding_network, _sidecar_preprocessing,
+                                          load_keras_model)
 
     if not os.path.isfile(path) or not path.endswith(".keras"):
         what = "does not exist" if not os.path.exists(path) else "is not a .keras file"
         raise ModelLoadError(f"model {path!r} {what}: expected a .keras file saved by python -m reid_keras.train")
-    try:
-        model = keras.saving.load_model(path, safe_mode=True, compile=False)
-    except Exception as err:  # Keras raises many types (ValueError, TypeError, zipfile errors)
-        raise ModelLoadError(f"could not load {path!r} with keras.saving.load_model(safe_mode=True): "
-                             f"{type(err).__name__}: {err}. Its custom layers must be registered first "
-                             "(reid_keras.families.register_serializables())") from None
+    model = load_keras_model(path)  # names what is wrong with a damaged file, refuses NaN / inf weights
     return ActivationModel(_embedding_network(model, path), layer,
                            preprocessing or _sidecar_preprocessing(path), source=path)
 

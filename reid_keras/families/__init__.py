@@ -59,8 +59,9 @@ def register_serializables() -> None:
 
 def load_model(path: str, compile: bool = True):
     """`keras.saving.load_model` (safe mode) for a `.keras` file written by reid_keras, e.g. a run's
-    `last.keras`, in any Python process: the families' layers, losses and schedules are registered first."""
-    import keras
+    `last.keras`, in any Python process: the families' layers, losses and schedules are registered first.
+    A damaged file or NaN / inf weights raise `models.loading.ModelLoadError` naming the file."""
+    from reid_keras.models.loading import load_keras_model
 
     register_serializables()
-    return keras.saving.load_model(path, compile=compile, safe_mode=True)
+    return load_keras_model(path, compile=compile)

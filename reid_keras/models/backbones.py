@@ -342,12 +342,9 @@ def _find_backbone(model: keras.Model, name: str, path: str) -> keras.Model:
 def _build_from_path(name, shape, path) -> Tuple[keras.Model, WeightsInfo]:
     if path.endswith(".keras"):
         from reid_keras.models import layers as _layers  # noqa: F401  (registers SquareLayer etc.)
+        from reid_keras.models.loading import load_keras_model
 
-        try:
-            loaded = keras.saving.load_model(path, safe_mode=True, compile=False)
-        except Exception as err:  # zip, JSON and deserialisation errors come in many types
-            raise ValueError(f"{path}: cannot load this .keras checkpoint with safe_mode=True "
-                             f"({type(err).__name__}: {err})") from None
+        loaded = load_keras_model(path)  # a ModelLoadError (a ValueError) names the file and what is wrong
         source = _find_backbone(loaded, name, path)
         if name == "caffenet":
             return _copy_caffenet(source, shape), WeightsInfo(path, "checkpoint", file=os.path.abspath(path))
