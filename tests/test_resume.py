@@ -216,6 +216,20 @@ def test_recipe_numbers_are_checked_naming_the_key(model, key, value, message):
     assert resolve_config("siamese_b0", overrides={"learning_rate": 1e6}).recipe.learning_rate == 1e6  # legal
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "error: --lr must be a finite number > 0, got -1.0"),
+    (["--lr", "nan"], "error: --lr must be a finite number > 0, got nan"),
+    (["--checkpoint-every-minutes", "0"], "error: --checkpoint-every-minutes must be a finite number > 0 or None, "
+                                          "got 0.0"),
+])
+def test_the_train_command_names_the_flag_of_a_bad_number(argv, message, tmp_path, capsys):
+    from reid_keras.cli import train
+
+    assert train.main(["--model", "siamese_b0", "--output", str(tmp_path / "runs"), *argv]) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "runs").exists()
+
+
 # -- run folders -----------------------------------------------------------------------------------------
 
 def _write_config(folder, config, *files):

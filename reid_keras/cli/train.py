@@ -54,6 +54,11 @@ RECIPE_FLAGS = (
     ("--feature-dim", "feature_dim", dict(type=_feature_dim, help="projection width of the embedding, or 'none' "
                                                                   "for the pooled backbone feature")),
     ("--triplet-margin", "triplet_margin", dict(help="batch-hard triplet margin, a number or 'soft'")),
+    ("--checkpoint-every-minutes", "checkpoint_every_minutes", dict(
+        type=float, help="also write the resume state every N minutes inside the warm-up and each epoch (a kill "
+                         "loses at most that much work)")),
+    ("--checkpoint-every-steps", "checkpoint_every_steps", dict(
+        type=positive_int, help="also write the resume state every N steps inside the warm-up and each epoch")),
     ("--oim-scale", "oim_scale", dict(type=float, help="OIM logit scale (1/temperature; the paper's tau = 0.1 is "
                                                        "scale 10, the PyTorch ports use 30)")),
 )
@@ -207,9 +212,15 @@ def config_from_args(args: argparse.Namespace):
             raise ValueError(f"--synthetic-ids applies to --dataset synthetic, not {args.dataset}")
         options["num_ids"] = args.synthetic_ids
     require_data_root(args.dataset, args.data_root)
-    return resolve_config(args.model, args.preset, given, dataset=args.dataset, data_root=args.data_root,
-                          dataset_options=options, seed=args.seed, mixed_precision=args.mixed_precision,
-                          output=args.output, resume=args.resume, devices=args.devices)
+    try:
+        return resolve_config(args.model, args.preset, given, dataset=args.dataset, data_root=args.data_root,
+                              dataset_options=options, seed=args.seed, mixed_precision=args.mixed_precision,
+                              output=args.output, resume=args.resume, devices=args.devices)
+    except ValueError as err:  # the recipe names its key ("learning_rate must be ..."): say the flag given
+        key, _, rest = str(err).partition(" ")
+        if key in given and key in FLAG_OF:
+            raise ValueError(f"{FLAG_OF[key]} {rest}") from None
+        raise
 
 
 def run(argv=None, extra_callbacks=None) -> str:
