@@ -12,7 +12,7 @@ finished run folder of the same name is reused, not trained again. Optional top-
   metrics.json under its name (`multi_query`: Market-1501 pooled queries; `multi_shot`: classic
   CUHK03 Table V) with paper numbers in `paper_<name>`.
 - `splits = 20`: every run is trained once per `split_index` 0..N-1 (classic CUHK03's 20 random
-  splits, PROTOCOLS.md (b)) in folders `<name>-splitNN`; the table shows mean ± sd over the splits.
+  splits, docs/protocols.md (b)) in folders `<name>-splitNN`; the table shows mean ± sd over the splits.
 - `gallery_curve = true`: after training, each run's final model is evaluated again with a
   distractor folder (Market-1501 500k; idver paper Table VI) and a second table puts the curve
   beside `paper_gallery_curve` (keys = distractors added).
@@ -113,7 +113,7 @@ def our_numbers(metrics: dict, protocol: str | None = None) -> dict | None:
         return {k.replace("-", ""): v[0] for k, v in table.items()}
     source = metrics.get("verification_head") or metrics.get("embedding_cosine") or metrics
     protocol_table = source.get("dataset_protocol")
-    if protocol_table:  # the benchmark's paper protocol (classic CUHK03 single-shot), not PROTOCOLS.md (a)
+    if protocol_table:  # the benchmark's paper protocol (classic CUHK03 single-shot), not docs/protocols.md (a)
         return _percent_table(protocol_table["mean_std"])
     return {k: 100 * float(v) for k, v in source.items()
             if isinstance(v, (int, float)) and (k.startswith("rank") or k in ("mAP", "mINP"))}

@@ -1,5 +1,5 @@
 """Test support for the feature / evaluation / plot tests: tiny models, tiny image trees, and
-`reference_ranking`, an independent brute-force implementation of PROTOCOLS.md (a) used as the
+`reference_ranking`, an independent brute-force implementation of docs/protocols.md (a) used as the
 expected value in tests.
 """
 from __future__ import annotations

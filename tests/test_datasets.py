@@ -1,4 +1,4 @@
-"""The benchmark loaders on tiny trees in each real on-disk layout (DATASETS.md §0-5)."""
+"""The benchmark loaders on tiny trees in each real on-disk layout (docs/datasets.md §0-5)."""
 import json
 import os
 import re
@@ -167,7 +167,7 @@ def test_market_count_check(tmp_path, monkeypatch):
 
 
 def test_market_gt_bbox_becomes_multi_query_records(tmp_path):
-    """DATASETS.md §1 multi-query: gt_bbox boxes of the queries' (id, camera) pairs, nothing else."""
+    """docs/datasets.md §1 multi-query: gt_bbox boxes of the queries' (id, camera) pairs, nothing else."""
     folder, _ = layouts.make_market(str(tmp_path))  # queries: (1, c4), (1, c5), (5, c1), (9, c2)
     gt = os.path.join(folder, "gt_bbox")
     names = {"0001_c4s1_000100_00.jpg": True, "0001_c4s1_000101_00.jpg": True, "0001_c5s2_000102_00.jpg": True,
@@ -284,7 +284,7 @@ def test_cuhk01_paper871_views(tmp_path):
     assert not [f for f in os.listdir(folder) if f.endswith(".json")]  # deterministic: no split file
     flipped = load_dataset("cuhk01", folder, direction="B->A")
     assert rows(flipped.query) == rows(ds.gallery)
-    assert ds.protocol("cuhk01_trials").options == {"direction": "A->B"}  # PROTOCOLS.md (c) trials
+    assert ds.protocol("cuhk01_trials").options == {"direction": "A->B"}  # docs/protocols.md (c) trials
     assert flipped.protocol("cuhk01_trials").options == flipped.options == {"direction": "B->A"}
 
 
@@ -398,7 +398,7 @@ def test_cuhk03_new_protocol(cuhk03_tree, tmp_path):
         train_src = manifest["train"]
         assert [r[1] for r in rows(ds.train)] == dense([p for _, p, _ in train_src])
         assert ds.info["protocol"] == "new (767/700)" and ds.info["box_type"] == box_type
-        assert ds.protocols == ()  # the new protocol is PROTOCOLS.md (a) only
+        assert ds.protocols == ()  # the new protocol is docs/protocols.md (a) only
     bare = tmp_path / "bare"
     shutil.copytree(os.path.join(base, "cuhk03_release"), bare / "cuhk03_release",
                     ignore=shutil.ignore_patterns("images_*"))

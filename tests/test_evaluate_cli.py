@@ -184,7 +184,7 @@ def test_broken_model_file_exits_2(setup, tmp_path):
 
 
 def test_cuhk01_adds_its_paper_protocol(setup, tmp_path):
-    """CUHK01 also reports PROTOCOLS.md (c), equal to evaluate_cuhk01 on the same features."""
+    """CUHK01 also reports docs/protocols.md (c), equal to evaluate_cuhk01 on the same features."""
     from reid_keras.data.datasets import synthetic
     from reid_keras.metrics.protocols import evaluate_cuhk01
 

@@ -42,7 +42,7 @@ def test_spec_to_train_arguments_and_table(tmp_path):
     assert "| siamese_b5 | paper | – | – |" in table and "| siamese_b5 | ours | not run | not run |" in table
     cuhk01 = {"cuhk01_protocol": {"mean_std_percent": {"rank-1": [70.0, 2.0], "rank-5": [95.0, 1.0]}}}
     assert paper_tables.our_numbers(cuhk01) == {"rank1": 70.0, "rank5": 95.0}
-    # Classic CUHK03: the paper protocol's numbers, not PROTOCOLS.md (a)'s; only metrics, never seeds.
+    # Classic CUHK03: the paper protocol's numbers, not docs/protocols.md (a)'s; only metrics, never seeds.
     cuhk03 = {"embedding_cosine": {"rank1": 0.5, "mAP": 0.4, "seed": 3, "num_invalid_queries": 2,
                                    "dataset_protocol": {"mean_std": {"rank-1": [0.7, None], "mAP": [0.6, None]}}}}
     assert paper_tables.our_numbers(cuhk03) == {"rank1": 70.0, "mAP": 60.0}

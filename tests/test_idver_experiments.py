@@ -136,7 +136,7 @@ def test_results_table_puts_paper_and_ours_side_by_side():
 
 
 def test_cuhk03_ours_row_is_the_single_shot_protocol_of_table_iv():
-    # metrics.json of a classic-CUHK03 run: top level = PROTOCOLS.md (a), dataset_protocol = single-shot
+    # metrics.json of a classic-CUHK03 run: top level = docs/protocols.md (a), dataset_protocol = single-shot
     metrics = {"embedding_cosine": {"rank1": 0.9, "rank5": 0.95, "rank10": 0.97, "mAP": 0.8, "dataset_protocol": {
         "name": "CUHK03 classic single-shot", "mean_std": {"rank-1": [0.5, None], "rank-5": [0.75, None],
                                                             "rank-10": [0.875, None], "mAP": [0.625, None]}}}}

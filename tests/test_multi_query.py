@@ -1,4 +1,4 @@
-"""Market-1501 multi-query (DATASETS.md §1): pooling, and `evaluate_model` end to end on a tiny
+"""Market-1501 multi-query (docs/datasets.md §1): pooling, and `evaluate_model` end to end on a tiny
 synthetic Market with gt_bbox/, checked against a numpy loop and a plain argsort ranking."""
 import os
 
@@ -87,7 +87,7 @@ def grid_colours(images):
 
 
 def plain_ranking(qf, q_pids, q_cams, gf, g_pids, g_cams, ranks=(1, 5, 10, 20)):
-    """PROTOCOLS.md (a) with a full argsort per query: junk = same id and camera, or id -1."""
+    """docs/protocols.md (a) with a full argsort per query: junk = same id and camera, or id -1."""
     dist = 1.0 - qf.astype(np.float64) @ gf.astype(np.float64).T
     aps, cmc = [], []
     for i in range(len(qf)):
@@ -151,7 +151,7 @@ def test_evaluate_reports_multi_query(market, features, tmp_path_factory, method
     metrics = _run(market, out, method)
     mq = metrics["multi_query"]
     assert sorted(mq) == ["mean_std", "name", "pool_images", "pooling", "queries_without_pool_images"]
-    assert mq["name"] == (f"Market-1501 multi-query (DATASETS.md §1), {method} pooling of gt_bbox features "
+    assert mq["name"] == (f"Market-1501 multi-query (docs/datasets.md §1), {method} pooling of gt_bbox features "
                           "per query id and camera")
     assert mq["pooling"] == method and mq["pool_images"] == len(_pool(ds))
     assert len(os.listdir(market["root"] / "gt_bbox")) == len(_pool(ds)) and market["removed"] >= 1

@@ -1,4 +1,4 @@
-"""Classic CUHK03 (PROTOCOLS.md (b)) and CUHK01 (PROTOCOLS.md (c)) protocols."""
+"""Classic CUHK03 (docs/protocols.md (b)) and CUHK01 (docs/protocols.md (c)) protocols."""
 import numpy as np
 import pytest
 

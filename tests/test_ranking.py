@@ -1,4 +1,4 @@
-"""evaluate_ranking (PROTOCOLS.md (a), (f)) against a literal per-query reference, sklearn and the
+"""evaluate_ranking (docs/protocols.md (a), (f)) against a literal per-query reference, sklearn and the
 Market-1501 devkit AP; chunked / sort-free paths against the full-matrix path; bad input."""
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ from reid_keras.metrics.distances import chunk_rows
 
 
 def reference_ranking(dist, q_pids, g_pids, q_cams, g_cams, max_rank=50):
-    """PROTOCOLS (a) step by step, one query at a time, with Python lists."""
+    """docs/protocols.md (a) step by step, one query at a time, with Python lists."""
     per_q = []
     for i in range(dist.shape[0]):
         order = np.argsort(dist[i], kind="stable")

@@ -1,6 +1,6 @@
 """Synthetic pedestrian datasets: determinism, exact layouts, splits, attributes, camera effects.
 
-File names are checked with regexes written here from DATASETS.md, independent of the generator.
+File names are checked with regexes written here from docs/datasets.md, independent of the generator.
 """
 import collections
 import dataclasses

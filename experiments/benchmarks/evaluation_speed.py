@@ -1,4 +1,4 @@
-"""Speed and memory of `reid_keras.metrics.evaluate_ranking` (issue 3; PROTOCOLS.md (a), (f)).
+"""Speed and memory of `reid_keras.metrics.evaluate_ranking` (issue 3; docs/protocols.md (a), (f)).
 
 Part 1, Market-1501 size (3,368 queries x 15,913 gallery, 2048-d, cosine): our full evaluation
 (distances + CMC + mAP + mINP) against, in the same run,

@@ -13,7 +13,7 @@ images, Adam 1e-3, flip + random 64x32 crops of 72x36, seed 0) — exactly what
 `python -m reid_keras.train --model <preset> --weights none` trains. Every `--eval-every` steps:
 the training ID accuracy averaged over those steps (OIM: `OIMAccuracy`, argmax of the logits over
 the lookup table *before* the batch's update, as the paper measures it; softmax: the classifier's
-accuracy) and the held-out mAP (embedding features, cosine, PROTOCOLS.md (a), no flip averaging).
+accuracy) and the held-out mAP (embedding features, cosine, docs/protocols.md (a), no flip averaging).
 Step 0 is the untrained network. Prints a markdown table and the machine, writes a two-panel PNG
 and a JSON of the curves beside it (both atomically).
 
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
           f"{softmax['recipe']['feature_dim']}-d, dropout {softmax['recipe']['dropout']}.")
     held_out_ids = len({r.pid for r in dataset.query})
     print(f"Held-out: {len(dataset.query)} queries x {len(dataset.gallery)} gallery images, {held_out_ids} ids unseen "
-          "in training; mAP by cosine on raw embeddings (PROTOCOLS.md (a), no flip).\n")
+          "in training; mAP by cosine on raw embeddings (docs/protocols.md (a), no flip).\n")
     print(markdown_table(results))
     per_step = {m: results[m]["ms_per_step"] for m in MODELS}
     print(f"\nfinal held-out rank-1: OIM {100 * oim['rows'][-1]['rank1']:.1f}%, softmax "

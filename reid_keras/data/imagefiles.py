@@ -1,4 +1,4 @@
-"""Cheap validity checks for image files found on disk (issue 2, item 5; DATASETS.md §0).
+"""Cheap validity checks for image files found on disk (issue 2, item 5; docs/datasets.md §0).
 
 `probe_image_file` reads the first and last few bytes of a file, never decodes it, so a loader can
 check every file of the Market-1501 500k distractor folder in seconds. It catches what breaks a

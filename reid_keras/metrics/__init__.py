@@ -1,5 +1,5 @@
-"""Evaluation (PROTOCOLS.md): re-ID ranking with CMC / mAP / mINP ((a), (f)), classic CUHK03 and
-CUHK01 protocols ((b), (c)), Market-1501 multi-query pooling (DATASETS.md §1), bounded-memory
+"""Evaluation (docs/protocols.md): re-ID ranking with CMC / mAP / mINP ((a), (f)), classic CUHK03 and
+CUHK01 protocols ((b), (c)), Market-1501 multi-query pooling (docs/datasets.md §1), bounded-memory
 distances, k-reciprocal re-ranking and query expansion, and `evaluate_model`, the whole evaluation
 of a trained model on a dataset. `rerank_k_reciprocal` / `query_expansion` import scipy.sparse on
 first use; the plots (`reid_keras.metrics.plots`) import matplotlib when drawn."""

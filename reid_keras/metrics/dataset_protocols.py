@@ -1,4 +1,4 @@
-"""The benchmarks' own evaluation protocols beyond PROTOCOLS.md (a), by the name a dataset declares.
+"""The benchmarks' own evaluation protocols beyond docs/protocols.md (a), by the name a dataset declares.
 
 A dataset lists the protocols it supports (`ReidDataset.protocols`: name, options, records);
 `evaluate_model` runs the function registered here for each and stores its result under the
@@ -6,9 +6,9 @@ registered metrics.json key:
 
 | name | key | protocol |
 | --- | --- | --- |
-| cuhk01_trials | dataset_protocol | CUHK01, PROTOCOLS.md (c): 10 seeded single-shot trials, options `direction` |
-| cuhk03_classic | dataset_protocol | classic CUHK03, PROTOCOLS.md (b): single- and multi-shot, options `split_index` |
-| multi_query | multi_query | Market-1501 multi-query, DATASETS.md §1: `records` = the gt_bbox boxes pooled per query |
+| cuhk01_trials | dataset_protocol | CUHK01, docs/protocols.md (c): 10 seeded single-shot trials, options `direction` |
+| cuhk03_classic | dataset_protocol | classic CUHK03, docs/protocols.md (b): single- and multi-shot, options `split_index` |
+| multi_query | multi_query | Market-1501 multi-query, docs/datasets.md §1: `records` = the gt_bbox boxes pooled per query |
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from reid_keras.metrics.protocols import evaluate_cuhk01, evaluate_cuhk03
 from reid_keras.metrics.ranking import evaluate_ranking
 from reid_keras.metrics.report import RANKS, rank_table
 
-TRIALS = 10  # CUHK01 trials and classic CUHK03 single-shot repeats (PROTOCOLS.md (b), (c))
+TRIALS = 10  # CUHK01 trials and classic CUHK03 single-shot repeats (docs/protocols.md (b), (c))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,19 +39,19 @@ class ProtocolInputs:
 
 
 def cuhk01_trials(protocol, inputs: ProtocolInputs) -> dict:
-    """CUHK01 (PROTOCOLS.md (c)): camera A = the query split for direction A->B, else the gallery."""
+    """CUHK01 (docs/protocols.md (c)): camera A = the query split for direction A->B, else the gallery."""
     direction = protocol.options.get("direction", "A->B")
     query, gallery, seed = inputs.query, inputs.gallery, inputs.options.seed
     cam_a, cam_b = (query, gallery) if direction == "A->B" else (gallery, query)
     result = evaluate_cuhk01(features_a=cam_a.features, pids_a=cam_a.pids, features_b=cam_b.features,
                              pids_b=cam_b.pids, trials=TRIALS, seed=seed, direction=direction)
     table = {k: [v[0] / 100, v[1] / 100] for k, v in result["table"].items()}  # fractions like the rest
-    return {"name": f"CUHK01 paper protocol (PROTOCOLS.md (c)), {result['trials']} trials, {direction}",
+    return {"name": f"CUHK01 paper protocol (docs/protocols.md (c)), {result['trials']} trials, {direction}",
             "mean_std": table, "trials": result["trials"], "seed": seed, "num_ids": result["num_ids"]}
 
 
 def cuhk03_classic(protocol, inputs: ProtocolInputs) -> dict:
-    """Classic CUHK03 (PROTOCOLS.md (b)) on one split: single shot (idver Table IV), multi shot (Table V)."""
+    """Classic CUHK03 (docs/protocols.md (b)) on one split: single shot (idver Table IV), multi shot (Table V)."""
     split = int(protocol.options.get("split_index", 0))
     query, gallery, options = inputs.query, inputs.gallery, inputs.options
     tables = {}
@@ -61,16 +61,16 @@ def cuhk03_classic(protocol, inputs: ProtocolInputs) -> dict:
                                  gallery_cams=gallery.camids, mode=mode, repeats=TRIALS, seed=options.seed,
                                  split_index=split, max_rank=options.max_rank)
         tables[mode] = rank_table(result, RANKS)
-    return {"name": f"CUHK03 classic single-shot (PROTOCOLS.md (b)), split {split}, {TRIALS} repeats",
+    return {"name": f"CUHK03 classic single-shot (docs/protocols.md (b)), split {split}, {TRIALS} repeats",
             "mean_std": tables["single_shot"], "multi_shot": {
-                "name": f"CUHK03 classic multi-shot (PROTOCOLS.md (b)), split {split}",
+                "name": f"CUHK03 classic multi-shot (docs/protocols.md (b)), split {split}",
                 "mean_std": tables["multi_shot"]},
             "seed": options.seed, "split_index": split}
 
 
 def multi_query(protocol, inputs: ProtocolInputs):
-    """Market-1501 multi-query (DATASETS.md §1): each query's feature pooled over the records of its
-    id and camera (`options.multi_query`: mean or max), then the gallery ranked as PROTOCOLS.md (a).
+    """Market-1501 multi-query (docs/datasets.md §1): each query's feature pooled over the records of its
+    id and camera (`options.multi_query`: mean or max), then the gallery ranked as docs/protocols.md (a).
     None when `options.multi_query` is "off" or there are no records."""
     options = inputs.options
     if options.multi_query == "off" or not protocol.records:
@@ -86,7 +86,7 @@ def multi_query(protocol, inputs: ProtocolInputs):
                                   memory_budget_mb=options.memory_budget_mb)
     except ValueError as err:
         raise EvaluationError(f"cannot rank the multi-query features: {err}") from None
-    return {"name": f"Market-1501 multi-query (DATASETS.md §1), {options.multi_query} pooling of gt_bbox "
+    return {"name": f"Market-1501 multi-query (docs/datasets.md §1), {options.multi_query} pooling of gt_bbox "
                     "features per query id and camera",
             "mean_std": rank_table(result, RANKS), "pooling": options.multi_query, "pool_images": len(pool),
             "queries_without_pool_images": int(np.count_nonzero(counts == 0))}

@@ -1,6 +1,6 @@
 """Evaluation diagnostics behind the plots: EER threshold, camera-pair matrix, ranked lists, gallery size.
 
-All of them follow PROTOCOLS.md (a): cosine distance `1 - q.g` on L2-normalised features, junk =
+All of them follow docs/protocols.md (a): cosine distance `1 - q.g` on L2-normalised features, junk =
 same id and same camera or id -1, stable order. None of them builds a full query x gallery
 matrix: per-query metrics go through `evaluate_ranking(query_features=..., gallery_features=...)`
 (chunked), ranked lists need one row per shown query, histograms a sample of pairs.
@@ -79,7 +79,7 @@ def sample_pair_distances(query_features, gallery_features, query_pids, gallery_
 
 def ranked_list(query_index: int, query_pids, gallery_pids, query_cams, gallery_cams, k: int = 10,
                 query_features=None, gallery_features=None, distance_row=None) -> dict:
-    """Top-`k` gallery items of one query after junk removal (PROTOCOLS.md (a) steps 1-2).
+    """Top-`k` gallery items of one query after junk removal (docs/protocols.md (a) steps 1-2).
 
     Pass the query's distance row (e.g. from re-ranking) or the features (cosine distance).
     Returns dict(index, distance, match) of the kept top-k items in rank order.
@@ -162,7 +162,7 @@ def gallery_size_curve(query, gallery, distractor_features: np.ndarray, sizes: S
     """mAP / rank-1 as seeded distractors (pid 0, camera -1) join the gallery (paper Table VI).
 
     `query` / `gallery` are FeatureSets. Tiers are nested: a seeded permutation of the distractors,
-    and tier n takes its first n. Evaluation is chunked over queries (PROTOCOLS.md (f)).
+    and tier n takes its first n. Evaluation is chunked over queries (docs/protocols.md (f)).
     """
     order = np.random.default_rng(seed).permutation(len(distractor_features))
     too_big = [n for n in sizes if not 0 <= n <= len(order)]

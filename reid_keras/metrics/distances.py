@@ -1,4 +1,4 @@
-"""Query-gallery distances computed in bounded memory (PROTOCOLS.md "Common rules" and (f)).
+"""Query-gallery distances computed in bounded memory (docs/protocols.md "Common rules" and (f)).
 
 Two metrics, both "smaller is closer":
 
@@ -16,14 +16,14 @@ block size a memory budget produces; that is what lets the chunked evaluation re
 full-matrix evaluation exactly. Each product re-packs the whole gallery, so short tiles cost time
 (64-row tiles took about twice as long as one big product at Market-1501 size, 256-row tiles about
 the same); tiles are 256 rows unless the gallery is large, where 64-row tiles keep the smallest
-chunk at 0.73 GB by the 22-bytes-per-entry rule of PROTOCOLS (f) for G = 519,732.
+chunk at 0.73 GB by the 22-bytes-per-entry rule of docs/protocols.md (f) for G = 519,732.
 """
 from __future__ import annotations
 
 import numpy as np
 
 METRICS = ("cosine", "euclidean")
-BYTES_PER_ENTRY = 22  # PROTOCOLS (f): float32 dist + int64 order + int64 ids + two bool masks
+BYTES_PER_ENTRY = 22  # docs/protocols.md (f): float32 dist + int64 order + int64 ids + two bool masks
 
 
 def check_features(features, name: str, dim: int | None = None,
@@ -69,7 +69,7 @@ def row_tile(num_gallery: int) -> int:
 
 def chunk_rows(num_gallery: int, memory_budget_mb: float,
                bytes_per_entry: int = BYTES_PER_ENTRY) -> int:
-    """Queries per chunk, B = budget / (bytes_per_entry * G) (PROTOCOLS (f)).
+    """Queries per chunk, B = budget / (bytes_per_entry * G) (docs/protocols.md (f)).
 
     The budget is in MiB. B is rounded down to a multiple of `row_tile(G)` (see the module
     docstring) and is at least one tile, so a budget below `row_tile(G) * 22 * G` bytes is

@@ -1,4 +1,4 @@
-"""Evaluate an embedding model on a dataset: PROTOCOLS.md (a) plus the protocols the dataset declares.
+"""Evaluate an embedding model on a dataset: docs/protocols.md (a) plus the protocols the dataset declares.
 
 `evaluate_model` embeds the query and gallery splits (features cached in the output folder and
 reused for the same model file, size, preprocessing and flip), ranks the gallery by cosine
@@ -29,7 +29,7 @@ from reid_keras.metrics.options import EvaluationError, EvaluationOptions
 from reid_keras.metrics.ranking import evaluate_ranking
 from reid_keras.metrics.report import CSV_FIELDS, csv_row, metric_summary
 
-PROTOCOL_A = "PROTOCOLS.md (a): junk = same id and camera or id -1, invalid queries excluded"
+PROTOCOL_A = "docs/protocols.md (a): junk = same id and camera or id -1, invalid queries excluded"
 REASON_FEATURE_DECODE = "not decodable by TensorFlow during feature extraction"
 
 

@@ -1,6 +1,6 @@
 """Feature extraction for evaluation: tf.data fed, L2-normalised, flip-averaged, cached to `.npz`.
 
-Similarity is the dot product of L2-normalised embeddings (PROTOCOLS.md, common rules). Flip
+Similarity is the dot product of L2-normalised embeddings (docs/protocols.md, common rules). Flip
 averaging is the usual test-time augmentation of re-ID toolkits: the mean of the raw features of
 an image and of its horizontal mirror, normalised afterwards.
 """

@@ -1,9 +1,9 @@
-"""Multi-query pooling for Market-1501 (DATASETS.md §1 "Multi-query"; idver paper Table III "MQ").
+"""Multi-query pooling for Market-1501 (docs/datasets.md §1 "Multi-query"; idver paper Table III "MQ").
 
 Each query is replaced by one feature pooled over the hand-drawn `gt_bbox` boxes of its identity
-in its camera: the mean of their L2-normalised features (DATASETS.md §1), or their element-wise
+in its camera: the mean of their L2-normalised features (docs/datasets.md §1), or their element-wise
 maximum (the Market devkit's other option), L2-normalised again. The ranking that follows is the
-ordinary PROTOCOLS.md (a) one with the query's own id and camera (same junk rule).
+ordinary docs/protocols.md (a) one with the query's own id and camera (same junk rule).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def pool_multi_query(query_pids, query_cams, query_features, pool_pids, pool_cam
         query_features: (Q, D) query features; a query without pool images keeps its own.
         pool_pids, pool_cams: (P,) ids and cameras of the pool (Market: `gt_bbox` boxes).
         pool_features: (P, D) pool features (normalised here again, so raw features work too).
-        method: "mean" (DATASETS.md §1) or "max" (element-wise), renormalised either way.
+        method: "mean" (docs/datasets.md §1) or "max" (element-wise), renormalised either way.
 
     Returns:
         (pooled (Q, D) float32 with unit rows (zero rows stay zero), (Q,) int64 number of pool

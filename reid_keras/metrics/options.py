@@ -1,8 +1,8 @@
 """What an evaluation run is asked to do (`EvaluationOptions`) and the error for what a user can fix.
 
-Defaults are those of PROTOCOLS.md (a) as the evaluation command runs it: cosine ranking of
+Defaults are those of docs/protocols.md (a) as the evaluation command runs it: cosine ranking of
 flip-averaged features, non-interpolated AP, CMC to rank 50, Market-1501 multi-query by mean
-pooling (DATASETS.md §1) when the dataset declares it.
+pooling (docs/datasets.md §1) when the dataset declares it.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Classic CUHK03 (PROTOCOLS.md (b)) and CUHK01 EfficientNet-paper (PROTOCOLS.md (c)) protocols.
+"""Classic CUHK03 (docs/protocols.md (b)) and CUHK01 EfficientNet-paper (docs/protocols.md (c)) protocols.
 
 Both rank a gallery holding exactly one true match per query, so the rank r of that match gives
 CMC, and AP = 1/r. Ties are broken as a stable sort would: the lower gallery index comes first.
@@ -55,7 +55,7 @@ def _distances(distmat, query_features, gallery_features, metric):
 
 def draw_single_shot_gallery(query_cams, gallery_pids, gallery_cams, seed: int = 0,
                              split_index: int = 0, repeat: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Single-shot CUHK03 galleries of one repeat (PROTOCOLS (b)).
+    """Single-shot CUHK03 galleries of one repeat (docs/protocols.md (b)).
 
     For every query, one gallery image per test id (the sorted distinct gallery pids), drawn
     uniformly from that id's images in the query's *other* view, with a generator seeded by
@@ -114,7 +114,7 @@ def evaluate_cuhk03(distmat=None, query_pids=None, gallery_pids=None, query_cams
                     gallery_cams=None, mode: str = "single_shot", repeats: int = 10, seed: int = 0,
                     split_index: int = 0, max_rank: int = 50, query_features=None,
                     gallery_features=None, metric: str = "cosine") -> dict:
-    """Classic CUHK03 evaluation of one of the 20 splits (PROTOCOLS (b)).
+    """Classic CUHK03 evaluation of one of the 20 splits (docs/protocols.md (b)).
 
     Args:
         distmat / query_features + gallery_features: distances (smaller = closer) or features.
@@ -210,7 +210,7 @@ def evaluate_cuhk01(similarity=None, pids_a=None, pids_b=None, *, features_a=Non
                     features_b=None, score_fn=None, trials: int = 10, seed: int = 0,
                     ranks=(1, 5, 10, 15, 20), direction: str = "A->B",
                     batch_size: int = 4096) -> dict:
-    """CUHK01 as in the EfficientNet siamese paper (PROTOCOLS (c)).
+    """CUHK01 as in the EfficientNet siamese paper (docs/protocols.md (c)).
 
     Camera-A images (ids `pids_a`) and camera-B images (`pids_b`) of the test ids, usually 2 + 2
     per id. Trial t uses `np.random.default_rng(seed + t)`: one `integers(0, n_a)` draw over the

@@ -1,4 +1,4 @@
-"""CMC, mAP and mINP for Market-1501-style re-ID ranking (PROTOCOLS.md (a) and (f)).
+"""CMC, mAP and mINP for Market-1501-style re-ID ranking (docs/protocols.md (a) and (f)).
 
 Only the ranks of the true matches matter, so nothing of size Q x G is kept beyond one chunk of
 queries. For each query the "special" gallery items are its own identity's images: hits (other
@@ -15,7 +15,7 @@ query's junk items placed before it. Two ways to get ``#(d < v)``:
   special value. ``np.sort`` of values is a SIMD sort, faster than ``np.argsort``; equal values
   are then ordered by gallery index, which is exactly the order of a stable argsort.
 - ``method="sort_free"``: count the smaller distances directly, O(G * n) per query with n the
-  query's number of special items, with no O(G log G) sort (PROTOCOLS (f), last paragraph).
+  query's number of special items, with no O(G log G) sort (docs/protocols.md (f), last paragraph).
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def _metrics_from_positions(ptr, pos, is_hit, ap: str) -> dict:
 
 
 def summarize(per_query: dict, max_rank: int, ap: str) -> dict:
-    """CMC / mAP / mINP over valid queries; ValueError if there is none (PROTOCOLS (a) step 4)."""
+    """CMC / mAP / mINP over valid queries; ValueError if there is none (docs/protocols.md (a) step 4)."""
     valid = per_query["valid"]
     num_valid = int(valid.sum())
     if num_valid == 0:
@@ -231,7 +231,7 @@ def evaluate_ranking(distmat=None, query_pids=None, gallery_pids=None, query_cam
                      gallery_cams=None, max_rank: int = 50, ap: str = "non-interpolated",
                      query_features=None, gallery_features=None, metric: str = "cosine",
                      memory_budget_mb: float = 1024, method: str = "sort") -> dict:
-    """Market-1501 / Duke / MSMT17 / CUHK03-NP protocol (PROTOCOLS (a)).
+    """Market-1501 / Duke / MSMT17 / CUHK03-NP protocol (docs/protocols.md (a)).
 
     Args:
         distmat: (Q, G) distances, smaller = closer. Give it, or both feature matrices.
@@ -241,7 +241,7 @@ def evaluate_ranking(distmat=None, query_pids=None, gallery_pids=None, query_cam
         ap: "non-interpolated" (default) or "trapezoid" (the Market-1501 devkit value).
         query_features, gallery_features: used instead of `distmat`; distances (`metric`:
             "cosine" or "euclidean", see distances.py) are computed for chunks of
-            B = memory_budget_mb / (22 G) queries (PROTOCOLS (f)) and give exactly the result of
+            B = memory_budget_mb / (22 G) queries (docs/protocols.md (f)) and give exactly the result of
             `evaluate_ranking(pairwise_distance(qf, gf, metric), ...)`.
         memory_budget_mb: MiB per chunk of queries (also bounds the work copy of a distmat).
         method: "sort" or "sort_free" (identical results; sort_free avoids O(G log G) per query).

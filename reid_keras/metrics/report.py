@@ -1,5 +1,5 @@
 """How evaluation results are summarised: the metrics.json entries, the results.csv columns and the
-printed table (rank-k as fractions in files, percentages on screen; PROTOCOLS.md (a))."""
+printed table (rank-k as fractions in files, percentages on screen; docs/protocols.md (a))."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Loaders of the re-ID benchmarks as they are unpacked on disk (DATASETS.md §1-5).
+"""Loaders of the re-ID benchmarks as they are unpacked on disk (docs/datasets.md §1-5).
 
     >>> from reid_keras.data.datasets import load_dataset
     >>> ds = load_dataset("market1501", "/data/market1501")      # doctest: +SKIP

@@ -1,4 +1,4 @@
-"""Records, splits and layout checks shared by every dataset loader (DATASETS.md §0).
+"""Records, splits and layout checks shared by every dataset loader (docs/datasets.md §0).
 
 A re-ID dataset is three lists of `ImageRecord(path, pid, camid)`:
 
@@ -6,9 +6,9 @@ A re-ID dataset is three lists of `ImageRecord(path, pid, camid)`:
   (`ReidDataset.train_id_map` maps original id -> dense label);
 - `query` / `gallery`: `pid` is the original id, unchanged; distractors have pid 0, Market junk
   (-1) is dropped when loading;
-- `protocols`: the evaluation protocols the dataset supports beyond PROTOCOLS.md (a), each an
+- `protocols`: the evaluation protocols the dataset supports beyond docs/protocols.md (a), each an
   `EvaluationProtocol` with what it needs (run by `reid_keras.metrics.dataset_protocols`), e.g.
-  Market-1501's `multi_query` (DATASETS.md §1) holds the hand-drawn `gt_bbox/` boxes whose
+  Market-1501's `multi_query` (docs/datasets.md §1) holds the hand-drawn `gt_bbox/` boxes whose
   (original pid, camid) is that of some query.
 
 `camid` is 0-based (camera number in the file name - 1); -1 when unknown (500k distractors).
@@ -185,7 +185,7 @@ def resolve_root(root: str, candidates: Iterable[str], required: Iterable[str], 
 
 
 def check_counts(name: str, found: dict, expected: dict, strict: bool) -> None:
-    """Compare split counts with the published ones (DATASETS.md tables).
+    """Compare split counts with the published ones (docs/datasets.md tables).
 
     Only called when the loader judges the copy to be complete; `strict=False` (custom subsets)
     turns the error into a no-op.

@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark loaders: scanning a split folder and the count check.
 
-The count check follows DATASETS.md §0: a copy that looks like the full benchmark must match the
+The count check follows docs/datasets.md §0: a copy that looks like the full benchmark must match the
 published counts; a small custom subset (or the synthetic data) is not checked.
 """
 from __future__ import annotations

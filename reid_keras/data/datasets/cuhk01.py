@@ -1,4 +1,4 @@
-"""CUHK01, DATASETS.md §4 (splits) and PROTOCOLS.md §(c).
+"""CUHK01, docs/datasets.md §4 (splits) and docs/protocols.md §(c).
 
 `campus/NNNNIII.png`: identity NNNN, image III; images 1-2 are camera A, 3-4 camera B, so
 `camid = (img - 1) // 2`. Identities are split, never images of one identity:

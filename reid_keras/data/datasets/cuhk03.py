@@ -1,4 +1,4 @@
-"""CUHK03, DATASETS.md §5 and PROTOCOLS.md §(b).
+"""CUHK03, docs/datasets.md §5 and docs/protocols.md §(b).
 
 `cuhk03_release/cuhk-03.mat` is MATLAB v7.3, i.e. HDF5 read with h5py. MATLAB arrays reach h5py
 transposed, so every dereference is followed by `.T`: `labeled` / `detected` -> 5 camera pairs ->

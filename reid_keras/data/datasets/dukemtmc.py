@@ -1,4 +1,4 @@
-"""DukeMTMC-reID, DATASETS.md §2: Market rules, cameras 1-8.
+"""DukeMTMC-reID, docs/datasets.md §2: Market rules, cameras 1-8.
 
 The 408 identities seen by one camera only carry ordinary ids that never occur among the
 queries; they stay in the gallery as negatives. The dataset was withdrawn by its authors: this

@@ -1,10 +1,10 @@
-"""Market-1501 (+ the optional 500k distractor folder), DATASETS.md §1.
+"""Market-1501 (+ the optional 500k distractor folder), docs/datasets.md §1.
 
 Also holds the "Market rules" shared with DukeMTMC-reID and the CUHK03 image-folder release:
 the basename regex `^(-?\\d+)_c(\\d)`, junk (-1) dropped, distractors (0000) kept in the gallery
 as pid 0, training labels dense over the sorted training ids.
 
-The optional `gt_bbox/` folder (hand-drawn boxes) feeds the multi-query protocol (DATASETS.md §1):
+The optional `gt_bbox/` folder (hand-drawn boxes) feeds the multi-query protocol (docs/datasets.md §1):
 its boxes of the queries' (id, camera) pairs are the records of the dataset's `multi_query` protocol.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ LAYOUT = """Market-1501-v15.09.15/
   query/               0001_c1s1_001051_00.jpg ...  (3,368 images)
   gt_bbox/             0001_c1s1_001051_00.jpg ...  (25,259 hand-drawn boxes; optional, for multi-query)"""
 
-# DATASETS.md §1 table; module-level so tests can substitute small numbers.
+# docs/datasets.md §1 table; module-level so tests can substitute small numbers.
 EXPECTED_COUNTS = {
     "train images": 12936, "train ids": 751,
     "query images": 3368, "query ids": 750,
@@ -91,7 +91,7 @@ def load_market_style(folder: str, name: str, num_cams: int, layout: str) -> Rei
 
 
 def load_multi_query(dataset: ReidDataset, num_cams: int, layout: str) -> None:
-    """Declare the `multi_query` protocol (DATASETS.md §1) with the boxes of `<root>/gt_bbox/`.
+    """Declare the `multi_query` protocol (docs/datasets.md §1) with the boxes of `<root>/gt_bbox/`.
 
     Kept: boxes of a real id (pid > 0) whose (pid, camid) is that of some query, in file order;
     unparseable names go to the skip report. A missing or empty folder is not an error: the
@@ -118,7 +118,7 @@ def load_multi_query(dataset: ReidDataset, num_cams: int, layout: str) -> None:
 
 
 def load_distractors(folder: str, skipped: SkipReport) -> list:
-    """Every image under `folder` as pid 0, camid -1; names are not parsed (DATASETS.md §1)."""
+    """Every image under `folder` as pid 0, camid -1; names are not parsed (docs/datasets.md §1)."""
     layout = f"{folder}/  the unpacked 500k distractor images (any names, subfolders allowed)"
     paths = scan_split_folder(folder, skipped, layout, recursive=True)
     return [ImageRecord(p, DISTRACTOR_PID, -1) for p in paths]

@@ -1,4 +1,4 @@
-"""MSMT17 (V1 and V2), DATASETS.md §3: the four list files define the splits.
+"""MSMT17 (V1 and V2), docs/datasets.md §3: the four list files define the splits.
 
 Line format: `0000/0000_000_01_0303morning_0015_0.jpg 0`, a path relative to the image folder of
 the split (train lists: `train/`, test lists: `test/`) and a label. camid = third `_` field of the
@@ -25,7 +25,7 @@ LAYOUT = """MSMT17_V1/                              (or MSMT17_V2/ with mask_tra
   list_train.txt  list_val.txt  list_query.txt  list_gallery.txt
   line: "0000/0000_000_01_0303morning_0015_0.jpg 0" (path relative to train/ or test/, label)"""
 
-# DATASETS.md §3. The published train count covers list_train + list_val together, so that sum
+# docs/datasets.md §3. The published train count covers list_train + list_val together, so that sum
 # is checked whatever `use_val` says.
 EXPECTED_COUNTS = {
     "train+val list images": 32621, "train ids": 1041,

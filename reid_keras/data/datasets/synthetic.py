@@ -1,7 +1,7 @@
 """Synthetic pedestrian datasets written in the exact layouts of the real benchmarks (issue 2, item 2).
 
 The images (drawn by `synthetic_render`) go to disk with the folder trees and file names of
-DATASETS.md §1 (Market-1501, including `-1` junk, `0000` distractors and the hand-drawn `gt_bbox/`
+docs/datasets.md §1 (Market-1501, including `-1` junk, `0000` distractors and the hand-drawn `gt_bbox/`
 boxes of the multi-query protocol), §2 (DukeMTMC-reID, including identities seen by one camera
 only) and §4 (CUHK01), so the real loaders read them.
 
@@ -83,7 +83,7 @@ def write_dataset(layout: str, out: str, num_ids: int = 200, num_cams: int | Non
     leaves a half dataset under the real name.
 
     Args:
-        layout: "market1501", "dukemtmc" or "cuhk01" (DATASETS.md §1, §2, §4).
+        layout: "market1501", "dukemtmc" or "cuhk01" (docs/datasets.md §1, §2, §4).
         out: parent folder (created); the dataset lands in e.g. `<out>/Market-1501-v15.09.15`.
         num_ids: train + test identities (Duke adds ~29 % one-camera gallery identities).
         num_cams: cameras (default 6 / 8 / 2; CUHK01 has exactly 2).

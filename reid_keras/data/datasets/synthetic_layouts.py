@@ -1,4 +1,4 @@
-"""Synthetic datasets: the benchmark layouts and the plan of every image (DATASETS.md §1, §2, §4).
+"""Synthetic datasets: the benchmark layouts and the plan of every image (docs/datasets.md §1, §2, §4).
 
 `plan_dataset` decides, from one seeded generator, which image goes to which folder under which
 name, whom it shows and how it is cropped; `render_planned` draws one planned image from its own
@@ -85,7 +85,7 @@ def plan_dataset(layout: str, num_ids: int = 200, num_cams: int | None = None, s
 
     Identities 1..num_ids; for Market/Duke the first ceil(n/2) of a seeded permutation train, the
     rest test (Market: 751 / 750). Each identity is seen by 2..num_cams cameras with lo..hi
-    detections per camera; a test identity also gets one query per camera it visits (DATASETS.md
+    detections per camera; a test identity also gets one query per camera it visits (docs/datasets.md
     §1: at most one per id and camera), so each query has a match in another camera.
 
     Market also gets `gt_bbox/` (hand-drawn boxes, for the multi-query protocol): per test id and
