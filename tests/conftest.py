@@ -3,13 +3,16 @@
 Logical devices must be configured before TensorFlow initialises its runtime, so it happens here,
 once, before any test module builds a tensor.
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # The image-check verdicts (data/decoding.py) go to a throw-away folder, not the user's ~/.cache.
 os.environ["REID_KERAS_CACHE"] = tempfile.mkdtemp(prefix="reid_keras_test_cache_")
+atexit.register(shutil.rmtree, os.environ["REID_KERAS_CACHE"], ignore_errors=True)
 
 import tensorflow as tf  # noqa: E402
 
