@@ -50,22 +50,6 @@ def held_out_pairs(dataset, seed: int = PAIR_SEED):
     return pairs[:, 0], pairs[:, 1], np.repeat([1, 0], len(positive))
 
 
-def flip_averaged_features(embedding, records, task) -> np.ndarray:
-    """Raw (un-normalised) embeddings averaged with those of the mirrored images, aligned with `records`:
-    the views the cosine evaluation averages (metrics/features.py), fed to the head instead."""
-    import tensorflow as tf
-
-    from reid_keras.data.pipelines import image_dataset
-
-    ds = image_dataset(records, task.image_size, 64, preprocess=task.recipe.preprocessing, with_meta=True)
-    features, index = [], []
-    for images, meta in ds:
-        both = [np.asarray(embedding(x, training=False), np.float64) for x in (images, tf.reverse(images, [2]))]
-        features.append(0.5 * (both[0] + both[1]))
-        index.append(meta["index"].numpy())
-    return np.concatenate(features)[np.argsort(np.concatenate(index))]
-
-
 def score_head(run_dir: str, task, dataset) -> dict:
     """A run's last.keras head on `dataset`: held-out pair accuracy, the gallery image that is top-1 for
     the most queries under the head's ranking, the head and the cosine ranking on the same flip-averaged
@@ -86,7 +70,7 @@ def score_head(run_dir: str, task, dataset) -> dict:
     top1 = np.argmin(verification_distance(model, q, g), axis=1)
     labels = dict(query_pids=[r.pid for r in dataset.query], gallery_pids=[r.pid for r in dataset.gallery],
                   query_cams=[r.camid for r in dataset.query], gallery_cams=[r.camid for r in dataset.gallery])
-    fq, fg = (flip_averaged_features(embedding, getattr(dataset, s), task) for s in ("query", "gallery"))
+    fq, fg = (task._raw_features(embedding, getattr(dataset, s), flip=True) for s in ("query", "gallery"))
     same_views = {"cosine": evaluate_ranking(query_features=fq, gallery_features=fg, metric="cosine", **labels),
                   "head": evaluate_ranking(verification_distance(model, fq, fg), **labels)}
     with open(os.path.join(run_dir, "history.csv"), encoding="utf-8") as handle:
