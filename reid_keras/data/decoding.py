@@ -306,6 +306,8 @@ def drop_damaged(dataset, splits=("train", "query", "gallery"), batch_size: int 
     Raises:
         DatasetLayoutError: a split of `splits` that had records has none left, naming its folder.
     """
+    # Person-search datasets name their image splits (train scenes, gallery scenes).
+    splits = getattr(dataset, "image_splits", splits)
     records = [r for split in splits for r in getattr(dataset, split)]
     records += [r for p in getattr(dataset, "protocols", ()) for r in p.records if hasattr(r, "path")]
     damaged = find_damaged([r.path for r in records], batch_size=batch_size, cache_dir=cache_dir,
@@ -323,11 +325,13 @@ def drop_damaged(dataset, splits=("train", "query", "gallery"), batch_size: int 
         changes[split] = kept
     protocols = tuple(dataclasses.replace(p, records=tuple(r for r in p.records if getattr(r, "path", None)
                                                            not in damaged)) for p in dataset.protocols)
-    info = dict(dataset.info)
+    # Scenes (person search): the queries of a damaged scene go too (`SearchDataset.without_paths`).
+    base = dataset.without_paths(damaged) if hasattr(dataset, "without_paths") else \
+        dataclasses.replace(dataset, **changes)
+    info = dict(base.info)
     if damaged:
         info["damaged images dropped (full decode check)"] = len(damaged)
-    cleaned = dataclasses.replace(dataset, **changes, protocols=protocols, info=info,
-                                  skipped=dataset.skipped.merge(report))
+    cleaned = dataclasses.replace(base, protocols=protocols, info=info, skipped=dataset.skipped.merge(report))
     return cleaned, report
 
 
