@@ -1,0 +1,230 @@
+"""The detections file (metrics/detections_file.py), the person-search plots (metrics/search_plots.py)
+and `python -m reid_keras.evaluate_search` end to end on a tiny synthetic CUHK-SYSU tree."""
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from reid_keras.metrics import search_plots
+from reid_keras.metrics.detections_file import (DetectionsFileError, load_detections, load_query_embeddings,
+                                                save_detections)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _random_detections(rng, counts=(3, 0, 5), dim=8):
+    dets = {}
+    for i, n in enumerate(counts):
+        xy = rng.uniform(0, 50, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (n, 2))], axis=1)
+        dets[f"s{i}.jpg"] = (boxes, rng.uniform(0, 1, n), rng.normal(size=(n, dim)))
+    return dets
+
+
+def _write_npz(path, **arrays):
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+    return str(path)
+
+
+def _valid_arrays():
+    return dict(names=np.array(["a.jpg", "b.jpg"]), boxes=np.zeros((3, 4), np.float32) + [0, 0, 5, 5],
+                scores=np.ones(3, np.float32), embeddings=np.ones((3, 4), np.float32),
+                image_index=np.array([1, 0, 1], np.int32), format_version=np.array(1))
+
+
+# --- the detections file -------------------------------------------------------------------------------
+
+def test_round_trip_keeps_every_image_and_the_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    dets = _random_detections(rng)
+    query = rng.normal(size=(4, 8))
+    path = save_detections(str(tmp_path / "dets.npz"), dets, query_embeddings=query, dataset_name="cuhk_sysu")
+    assert path == str(tmp_path / "dets.npz") and os.listdir(tmp_path) == ["dets.npz"]  # no temporary left
+    loaded, loaded_query, meta = load_detections(path)
+    assert list(loaded) == ["s0.jpg", "s1.jpg", "s2.jpg"]
+    for name, (boxes, scores, emb) in dets.items():
+        got = loaded[name]
+        assert [a.dtype for a in got] == [np.float32] * 3
+        assert got[0].shape == (len(scores), 4) and got[2].shape == (len(scores), 8)
+        np.testing.assert_allclose(got[0], boxes, rtol=1e-6)
+        np.testing.assert_allclose(got[1], scores, rtol=1e-6)
+        np.testing.assert_allclose(got[2], emb, rtol=1e-6)
+    np.testing.assert_allclose(loaded_query, query, rtol=1e-6)
+    assert meta == {"format_version": 1, "dataset_name": "cuhk_sysu", "num_images": 3, "num_detections": 8,
+                    "embedding_dim": 8, "path": path}
+    with np.load(path, allow_pickle=False) as raw:  # the documented arrays, nothing pickled
+        assert sorted(raw.files) == ["boxes", "dataset_name", "embeddings", "format_version", "image_index",
+                                     "names", "query_embeddings", "scores"]
+        assert raw["image_index"].dtype == np.int32 and raw["image_index"].tolist() == [0, 0, 0, 2, 2, 2, 2, 2]
+        assert raw["boxes"].dtype == np.float32 and raw["names"].dtype.kind == "U" and int(raw["format_version"]) == 1
+
+
+def test_a_hand_written_file_groups_rows_by_image_in_row_order(tmp_path):
+    arrays = _valid_arrays()
+    arrays["scores"] = np.array([0.1, 0.2, 0.3], np.float32)  # rows of b.jpg: 0 and 2, of a.jpg: 1
+    loaded, query, meta = load_detections(_write_npz(tmp_path / "d.npz", **arrays))
+    assert query is None and meta["dataset_name"] is None
+    assert loaded["b.jpg"][1].tolist() == pytest.approx([0.1, 0.3]) and loaded["a.jpg"][1].tolist() == pytest.approx([0.2])
+
+
+def test_an_image_without_detections_loads_as_empty_arrays_of_the_right_width(tmp_path):
+    path = save_detections(str(tmp_path / "d.npz"), {"a.jpg": ([], [], []), "b.jpg": ([[0, 0, 4, 4]], [0.9], [[1, 0]])})
+    loaded, _, meta = load_detections(path)
+    assert [a.shape for a in loaded["a.jpg"]] == [(0, 4), (0,), (0, 2)] and meta["num_detections"] == 1
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.pop("image_index"), "missing array(s) image_index; a detections file holds names, boxes"),
+    (lambda a: a.update(boxes=np.zeros((3, 3), np.float32)), "boxes has shape (3, 3), expected [3, 4]"),
+    (lambda a: a.update(embeddings=np.zeros((2, 4), np.float32)), "embeddings has shape (2, 4), expected [3, D]"),
+    (lambda a: a.update(image_index=np.array([0, 2, 1], np.int32)),
+     "image_index 2 at row 1 is outside 0..1 (names has 2 entries); 1 row(s) out of range"),
+    (lambda a: a.update(image_index=np.array([0.0, 1.0, 1.0])), "image_index has dtype float64, expected integers"),
+    (lambda a: a.update(format_version=np.array(2)), "format_version 2 is not supported (this reader knows 1)"),
+    (lambda a: a.update(names=np.array(["a.jpg", "a.jpg"])), "names lists 'a.jpg' 2 times; each image once"),
+    (lambda a: a.update(query_embeddings=np.zeros((5, 3), np.float32)),
+     "query_embeddings has shape (5, 3), expected [Q, 4]"),
+])
+def test_a_bad_file_is_refused_naming_the_file_and_the_array(tmp_path, change, message):
+    arrays = _valid_arrays()
+    change(arrays)
+    path = _write_npz(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DetectionsFileError) as err:
+        load_detections(path)
+    assert str(err.value).startswith(f"{path}: {message}")
+
+
+def test_files_that_are_no_detections_file_are_refused(tmp_path):
+    missing = str(tmp_path / "none.npz")
+    with pytest.raises(DetectionsFileError, match=r"detections file '.*none\.npz' does not exist"):
+        load_detections(missing)
+    text = tmp_path / "notes.npz"
+    text.write_text("not a zip")
+    with pytest.raises(DetectionsFileError,
+                       match=r"notes\.npz: not a readable \.npz file \(no zip archive\), expected an \.npz holding names"):
+        load_detections(str(text))
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    with pytest.raises(DetectionsFileError, match=r"single\.npy: a single array \(\.npy\), expected an \.npz"):
+        load_detections(str(tmp_path / "single.npy"))
+    arrays = _valid_arrays()
+    arrays["names"] = np.array(["a.jpg", "b.jpg"], dtype=object)
+    with open(tmp_path / "pickled.npz", "wb") as handle:
+        np.savez(handle, **arrays)
+    with pytest.raises(DetectionsFileError, match=r"pickled\.npz: an array holds Python objects .*dtype=str"):
+        load_detections(str(tmp_path / "pickled.npz"))
+
+
+@pytest.mark.parametrize("dets, query, message", [
+    ({"a.jpg": ([[0, 0, 1, 1]], [0.5, 0.6], [[1.0]])}, None,
+     "detections['a.jpg']: 1 box(es) but scores of shape (2,), expected [1]"),
+    ({"a.jpg": ([[0, 0, 1]], [0.5], [[1.0]])}, None, "detections['a.jpg']: boxes have shape (1, 3), expected [N, 4] (x1, y1, x2, y2)"),
+    ({"a.jpg": ([[0, 0, 1, 1]], [0.5], [[1.0, 0.0]]), "b.jpg": ([[0, 0, 1, 1]], [0.5], [[1.0]])}, None,
+     "detections['b.jpg']: embeddings of size 1, but earlier images have size 2"),
+    ({"a.jpg": ([[0, 0, 1, 1]], [0.5], [[1.0, 0.0]])}, np.zeros((3, 5)),
+     "query_embeddings: shape (3, 5), expected [Q, 2] (D = the detections' embedding size)"),
+    ({"a.jpg": ([[0, 0, 1, 1]], [0.5])}, None,
+     "detections['a.jpg']: expected a tuple (boxes [N, 4], scores [N], embeddings [N, D])"),
+])
+def test_save_refuses_detections_that_do_not_fit_naming_the_image(tmp_path, dets, query, message):
+    with pytest.raises(DetectionsFileError) as err:
+        save_detections(str(tmp_path / "d.npz"), dets, query_embeddings=query)
+    assert str(err.value) == message
+    assert os.listdir(tmp_path) == []  # nothing written, no temporary left
+
+
+def test_save_keeps_the_old_file_when_the_new_detections_are_refused(tmp_path):
+    path = save_detections(str(tmp_path / "d.npz"), {"a.jpg": ([[0, 0, 1, 1]], [0.5], [[1.0]])})
+    before = open(path, "rb").read()
+    with pytest.raises(DetectionsFileError):
+        save_detections(path, {"a.jpg": ([[0, 0, 1, 1]], [0.5, 0.2], [[1.0]])})
+    assert open(path, "rb").read() == before
+    with pytest.raises(DetectionsFileError, match=r"path '.*d\.txt' must end in \.npz"):
+        save_detections(str(tmp_path / "d.txt"), {})
+
+
+def test_query_embeddings_load_from_npy_npz_or_a_detections_file(tmp_path):
+    q = np.arange(6, dtype=np.float64).reshape(3, 2)
+    np.save(tmp_path / "q.npy", q)
+    np.savez(tmp_path / "one.npz", anything=q)
+    np.savez(tmp_path / "two.npz", a=q, b=q)
+    save_detections(str(tmp_path / "dets.npz"), {"a.jpg": ([], [], [])}, query_embeddings=q)
+    for name in ("q.npy", "one.npz", "dets.npz"):
+        got = load_query_embeddings(str(tmp_path / name))
+        assert got.dtype == np.float32 and got.tolist() == q.tolist()
+    with pytest.raises(DetectionsFileError, match=r"two\.npz: no array named query_embeddings \(found a, b\)"):
+        load_query_embeddings(str(tmp_path / "two.npz"))
+    np.save(tmp_path / "flat.npy", np.zeros(3))
+    with pytest.raises(DetectionsFileError, match=r"flat\.npy: query embeddings have shape \(3,\) .*expected \[Q, D\]"):
+        load_query_embeddings(str(tmp_path / "flat.npy"))
+
+
+# --- plots on hand-made inputs --------------------------------------------------------------------------
+
+def _png(path):
+    with open(path, "rb") as handle:
+        return handle.read(8) == PNG_SIGNATURE and os.path.getsize(path) > 1000
+
+
+def _has_colour(path, rgb, tolerance=12, min_pixels=20):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    return int(np.sum(np.all(np.abs(pixels - rgb) <= tolerance, axis=-1))) >= min_pixels
+
+
+GREEN, RED, GOLD = (44, 160, 44), (214, 39, 40), (255, 215, 0)  # tab:green, tab:red, gold
+
+
+def test_results_figure_draws_correct_matches_green_and_wrong_ones_red(tmp_path):
+    from PIL import Image
+
+    scene = str(tmp_path / "s1.jpg")
+    Image.fromarray(np.full((120, 180, 3), 90, np.uint8)).save(scene)
+    match = {"image": scene, "box": [10, 10, 60, 100], "similarity": 0.9}
+    only_right = search_plots.plot_search_results(
+        [{"query_image": scene, "query_box": [100, 10, 140, 100], "matches": [dict(match, is_match=True)]}],
+        str(tmp_path / "right.png"))
+    only_wrong = search_plots.plot_search_results(
+        [{"query_image": scene, "query_box": [100, 10, 140, 100],
+          "matches": [dict(match, is_match=False, truth=[100, 10, 140, 100])]}], str(tmp_path / "wrong.png"))
+    assert _png(only_right) and _png(only_wrong)
+    assert _has_colour(only_right, GREEN) and not _has_colour(only_right, RED)
+    assert _has_colour(only_wrong, RED) and not _has_colour(only_wrong, GREEN) and _has_colour(only_wrong, GOLD)
+
+
+def test_results_figure_survives_missing_images_and_queries_without_matches(tmp_path):
+    rows = [{"query_image": str(tmp_path / "gone.jpg"), "query_box": [0, 0, 5, 5], "query_label": "q",
+             "matches": [{"image": str(tmp_path / "gone2.jpg"), "box": [0, 0, 5, 5], "similarity": 0.1,
+                          "is_match": False}]},
+            {"query_image": str(tmp_path / "gone.jpg"), "query_box": [0, 0, 5, 5], "matches": []}]
+    assert _png(search_plots.plot_search_results(rows, str(tmp_path / "r.png")))
+    with pytest.raises(ValueError, match="at least one query row"):
+        search_plots.plot_search_results([], str(tmp_path / "none.png"))
+
+
+def test_gallery_size_curve_and_detection_curve_are_written(tmp_path):
+    rows = [{"gallery_size": s, "mean_gallery": m, "mAP": a, "top1": t}
+            for s, m, a, t in ((100, 100, 0.7, 0.8), (50, 50, 0.8, 0.85), (-1, 6977.0, 0.5, 0.6))]
+    assert _png(search_plots.plot_gallery_size_curve(rows, str(tmp_path / "g.png")))
+    with pytest.raises(ValueError, match="at least two gallery sizes, got 1"):
+        search_plots.plot_gallery_size_curve(rows[:1], str(tmp_path / "g1.png"))
+    assert search_plots.gallery_size_label(-1, 6977.0) == "all (6,977)" and search_plots.gallery_size_label(4000) == "4,000"
+    recall = np.linspace(0, 0.9, 40)
+    path = search_plots.plot_detection_pr(1 - recall / 2, recall, str(tmp_path / "pr.png"), ap=0.7,
+                                          recall_at_threshold=0.8, operating_precision=0.6)
+    assert _png(path)
+    with pytest.raises(ValueError, match=r"precision \(3,\) and recall \(2,\) must have the same length"):
+        search_plots.plot_detection_pr([1, 1, 1], [0, 1], str(tmp_path / "bad.png"), ap=0, recall_at_threshold=0)
+
+
+def test_pick_search_queries_is_seeded_and_takes_valid_queries_only():
+    valid = np.array([True, False, True, True, False, True, True])
+    picked = search_plots.pick_search_queries(valid, 3, seed=1)
+    assert picked == sorted(picked) and len(picked) == 3 and all(valid[i] for i in picked)
+    assert picked == search_plots.pick_search_queries(valid, 3, seed=1)
+    assert search_plots.pick_search_queries(valid, 10) == [0, 2, 3, 5, 6]
