@@ -1,4 +1,4 @@
-"""Loaders of the re-ID benchmarks as they are unpacked on disk (docs/datasets.md §1-5).
+"""Loaders of the re-ID and person-search benchmarks as they are unpacked on disk (docs/datasets.md §1-7).
 
     >>> from reid_keras.data.datasets import load_dataset
     >>> ds = load_dataset("market1501", "/data/market1501")      # doctest: +SKIP
@@ -15,7 +15,12 @@ its own keyword options:
 | msmt17 | use_val=False |
 | cuhk01 | split="paper871" / "random100" / "half", split_index=0, seed=0, split_file=None, direction="A->B" |
 | cuhk03 | box_type="labeled" / "detected", protocol="classic" / "new", split_index=0, cache_dir=None |
+| cuhk_sysu | - (person search: `SearchDataset`, `search_protocol(50 ... 4000 or -1)`) |
+| prw | multi_view=False (person search: `SearchDataset`, one gallery) |
 | synthetic | num_ids=300, layout="market1501" / "dukemtmc" / "cuhk01", seed=0 (root defaults to `data`) |
+
+The person-search loaders (cuhk_sysu, prw) return a `scenes.SearchDataset` (whole scenes with their
+boxes, the queries, and the gallery of each query) instead of a `ReidDataset`.
 
 The dataset remembers its options (`ReidDataset.options`): `load_dataset(ds.name, ds.root,
 **ds.options)` loads it again.
@@ -27,7 +32,7 @@ import inspect
 
 from reid_keras.data.datasets.base import ReidDataset
 
-DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "cuhk01", "cuhk03", "synthetic")
+DATASET_NAMES = ("market1501", "dukemtmc", "msmt17", "cuhk01", "cuhk03", "cuhk_sysu", "prw", "synthetic")
 
 
 def parse_options(pairs, flag: str = "--dataset-option") -> dict:
