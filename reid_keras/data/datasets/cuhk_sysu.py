@@ -53,7 +53,8 @@ LAYOUT = """CUHK-SYSU/
 EXPECTED_COUNTS = {"train images": 11206, "train ids": 5532, "test images": 6978, "queries": 2900}
 PUBLISHED_BOXES = {"train": 55272, "test": 40871}
 REASON_MISSING = "listed in annotation/Images.mat but missing on disk"
-MAT_READ_ERRORS = (ValueError, OSError, NotImplementedError, TypeError, KeyError, zlib.error)
+# What scipy raises on a file that is not a MATLAB file, or a damaged one (MatReadError is a bare Exception).
+MAT_READ_ERRORS = (ValueError, OSError, NotImplementedError, TypeError, KeyError, IndexError, EOFError, zlib.error)
 
 
 def read_mat(path: str, key: str, layout: str = LAYOUT, **options):
@@ -65,7 +66,7 @@ def read_mat(path: str, key: str, layout: str = LAYOUT, **options):
         raise DatasetLayoutError(f"no file {path!r}: expected the layout\n{layout}")
     try:
         mat = scipy.io.loadmat(path, variable_names=[key], **options)
-    except MAT_READ_ERRORS as err:
+    except (*MAT_READ_ERRORS, scipy.io.matlab.MatReadError) as err:
         raise DatasetLayoutError(f"cannot read {path} as a MATLAB file ({err.__class__.__name__}: {err})") from err
     if key not in mat:
         found = ", ".join(name for name, _, _ in scipy.io.whosmat(path)) or "none"

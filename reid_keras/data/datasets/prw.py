@@ -75,7 +75,7 @@ def read_annotation(path: str):
         return "no annotation file annotations/<frame>.jpg.mat"
     try:
         mat = scipy.io.loadmat(path, variable_names=list(ANNOTATION_KEYS))
-    except MAT_READ_ERRORS as err:
+    except (*MAT_READ_ERRORS, scipy.io.matlab.MatReadError) as err:
         return f"unreadable annotation file ({err.__class__.__name__})"
     key = next((k for k in ANNOTATION_KEYS if k in mat), None)
     if key is None:
