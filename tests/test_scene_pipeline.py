@@ -199,6 +199,8 @@ def test_bad_scenes_are_refused_before_any_graph_is_built(scenes):
         sp.scene_train_dataset([], MIN_SIDE, MAX_SIDE, batch_size=2, max_boxes=4)
     with pytest.raises(ValueError, match="max_boxes must be a positive int, got 0"):
         sp.scene_train_dataset(records, MIN_SIDE, MAX_SIDE, batch_size=2, max_boxes=0)
+    with pytest.raises(ValueError, match=r"batch_size must be an int in \[1, 4\] \(the number of scenes\), got 5"):
+        sp.scene_train_dataset(records, MIN_SIDE, MAX_SIDE, batch_size=5, max_boxes=4)
     with pytest.raises(ValueError, match="max_side must be an int >= min_side=64"):
         sp.scene_train_dataset(records, MIN_SIDE, 32, batch_size=2, max_boxes=4)
 

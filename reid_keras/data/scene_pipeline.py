@@ -226,6 +226,8 @@ def scene_train_dataset(scenes, min_side: int, max_side: int, batch_size: int, m
     scenes = _scenes(scenes)
     max_boxes = _check_max_boxes(scenes, max_boxes)
     loader = _SceneLoader(scenes, min_side, max_side, preprocess, pad_to, size_divisor)
+    if not (isinstance(batch_size, (int, np.integer)) and 1 <= batch_size <= len(scenes)):
+        raise ValueError(f"batch_size must be an int in [1, {len(scenes)}] (the number of scenes), got {batch_size!r}")
     batch_size = int(batch_size)
     sampler = ShuffledBatchSampler(len(scenes), batch_size)
     steps = int(batches_per_epoch or sampler.batches_per_pass)
