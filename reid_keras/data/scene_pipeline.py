@@ -47,7 +47,7 @@ PADDING = -2
 TARGET_KEYS = ("boxes", "pids", "box_mask")
 # Min / max side of the published recipes. The OIM paper (§5.1) states only that it builds on
 # py-faster-rcnn, whose defaults are a 600-px short side capped at 1,000 px on the long side;
-# 900 / 1,500 is what the later PyTorch re-implementations train and test at (NAE, SeqNet).
+# 900 / 1,500 is what later PyTorch re-implementations train and test at (SeqNet's INPUT.MIN_SIZE / MAX_SIZE).
 PY_FASTER_RCNN_SIDES = (600, 1000)
 PAPER_SIDES = (900, 1500)
 
