@@ -228,3 +228,258 @@ def test_pick_search_queries_is_seeded_and_takes_valid_queries_only():
     assert picked == sorted(picked) and len(picked) == 3 and all(valid[i] for i in picked)
     assert picked == search_plots.pick_search_queries(valid, 3, seed=1)
     assert search_plots.pick_search_queries(valid, 10) == [0, 2, 3, 5, 6]
+
+
+# --- the command, end to end on the tiny trees of tests/scene_trees.py ------------------------------------
+
+def _run(argv):
+    from reid_keras.cli.evaluate_search import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _detections_for(dataset, seed=0, dim=16):
+    """Detections near the annotated boxes (scores 0.3..1, so some fall under 0.5), one false alarm per
+    scene, embeddings = the person's identity vector + noise; query embeddings from the same vectors."""
+    rng = np.random.default_rng(seed)
+    pids = {int(p) for s in dataset.gallery for p in s.pids} | {int(q.pid) for q in dataset.queries}
+    identity = {p: rng.normal(size=dim) for p in sorted(pids)}
+    dets = {}
+    for scene in dataset.gallery:
+        n = len(scene.boxes)
+        boxes = scene.boxes + rng.uniform(-1, 1, (n, 4)).astype(np.float32)
+        false_alarm = np.array([[0, 0, 6, 12]], np.float32) + rng.uniform(0, 10)
+        emb = np.stack([identity[int(p)] for p in scene.pids] + [rng.normal(size=dim)]) + rng.normal(0, 0.8, (n + 1, dim))
+        dets[scene.name] = (np.concatenate([boxes, false_alarm]), rng.uniform(0.3, 1.0, n + 1), emb)
+    query = np.stack([identity[int(q.pid)] for q in dataset.queries]) + rng.normal(0, 0.8, (len(dataset.queries), dim))
+    return dets, query
+
+
+@pytest.fixture(scope="module")
+def cuhk(tmp_path_factory):
+    from reid_keras.data.datasets import load_dataset
+    from tests.scene_trees import make_cuhk_sysu
+
+    base = tmp_path_factory.mktemp("search_cli")
+    make_cuhk_sysu(str(base))
+    dataset = load_dataset("cuhk_sysu", str(base))
+    dets, query = _detections_for(dataset)
+    path = save_detections(str(base / "dets.npz"), dets, query_embeddings=query, dataset_name="cuhk_sysu")
+    out = str(base / "out")
+    code, stdout, stderr = _run(["--dataset", "cuhk_sysu", "--data-root", str(base), "--detections", path,
+                                 "--gallery-size", "all", "--out", out, "--top-k-figure", "3"])
+    return {"base": base, "dataset": dataset, "dets": path, "query": query, "out": out, "code": code,
+            "stdout": stdout, "stderr": stderr}
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _table_rows(stdout):
+    """{gallery size: [mAP, top-1, top-5, top-10, valid, invalid]} from the printed table."""
+    rows = {}
+    for line in stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0].lstrip("-").isdigit() and len(parts) >= 7:
+            rows[int(parts[0])] = [float(v) for v in parts[-6:]]
+    return rows
+
+
+def test_all_gallery_sizes_equal_a_direct_evaluation(cuhk):
+    from reid_keras.metrics.search import evaluate_search
+
+    assert cuhk["code"] == 0, cuhk["stderr"]
+    m = _metrics(cuhk["out"])
+    dets, query, _ = load_detections(cuhk["dets"])
+    assert m["gallery_sizes"] == [50, 100, -1] and [r["gallery_size"] for r in m["search"]] == [50, 100, -1]
+    table = _table_rows(cuhk["stdout"])
+    assert sorted(table) == [-1, 50, 100]
+    for row in m["search"]:
+        direct = evaluate_search(dets, query, cuhk["dataset"], gallery_size=row["gallery_size"], score_threshold=0.5)
+        assert row["protocol"] == direct["protocol"]
+        for key in ("mAP", "top1", "top5", "top10", "num_valid_queries", "num_invalid_queries", "duplicates"):
+            assert row[key] == direct[key], key
+        assert table[row["gallery_size"]] == [round(100 * direct[k], 2) for k in ("mAP", "top1", "top5", "top10")] + [
+            direct["num_valid_queries"], direct["num_invalid_queries"]]
+        protocol = cuhk["dataset"].search_protocol(row["gallery_size"])
+        assert row["mean_gallery"] == pytest.approx(np.mean([len(g) for g in protocol.galleries]))
+    # the headline numbers are gallery 100's, the usual table
+    head = next(r for r in m["search"] if r["gallery_size"] == 100)
+    assert m["gallery_size"] == 100 and m["mAP"] == head["mAP"] and m["top1"] == head["top1"]
+    assert 0 < m["mAP"] < 1  # a real problem: neither all right nor all wrong
+    assert m["num_queries"] == 3 and m["num_gallery_scenes"] == 6 and m["score_threshold"] == 0.5
+    assert m["ap_variant"].startswith("non-interpolated") and m["detection_images"] == 6
+    # TestG50 lists s7.jpg twice for query 0 (scene_trees): evaluated once, reported
+    assert "gallery 50: " in " ".join(m["warnings"]) and m["search"][0]["duplicates"] == 1
+
+
+def test_detection_numbers_equal_a_direct_evaluation(cuhk):
+    from reid_keras.metrics.detection import evaluate_detection
+
+    m = _metrics(cuhk["out"])
+    dets, _, _ = load_detections(cuhk["dets"])
+    direct = evaluate_detection(dets, cuhk["dataset"], score_threshold=0.5, matching="mutual_best")
+    for key in ("ap", "recall", "recall_labeled", "num_boxes", "num_labeled_boxes", "matching"):
+        assert m["detection"][key] == direct[key], key
+    assert 0 < direct["recall"] < 1  # some boxes scored under 0.5
+    assert (f"AP {100 * direct['ap']:.2f}% (scores >= 0.01), recall {100 * direct['recall']:.2f}% at score >= 0.5 "
+            f"(labeled people {100 * direct['recall_labeled']:.2f}%)") in cuhk["stdout"]
+
+
+def test_per_query_file_and_plots_are_written(cuhk):
+    from reid_keras.metrics.search import evaluate_search
+
+    m = _metrics(cuhk["out"])
+    assert m["plots"] == {"gallery_size": "gallery_size.png", "detection_pr": "detection_pr.png",
+                          "search_results": "search_results.png"}
+    for name in m["plots"].values():
+        assert _png(os.path.join(cuhk["out"], name)), name
+    dets, query, _ = load_detections(cuhk["dets"])
+    direct = evaluate_search(dets, query, cuhk["dataset"], gallery_size=100)
+    with open(os.path.join(cuhk["out"], "per_query.csv"), encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    assert lines[0] == "query,scene,pid,valid,ap,n_gt,n_tp,first_hit_rank" and len(lines) == 1 + 3
+    for i, line in enumerate(lines[1:]):
+        fields = line.split(",")
+        q = cuhk["dataset"].queries[i]
+        assert fields[:3] == [str(q.index), q.scene, str(q.pid)]
+        assert float(fields[4]) == pytest.approx(direct["per_query_ap"][i], abs=1e-6)
+        assert int(fields[5]) == direct["per_query"]["n_gt"][i] and int(fields[6]) == direct["per_query"]["n_tp"][i]
+    assert cuhk["stdout"].strip().endswith(f"wrote {os.path.join(cuhk['out'], 'metrics.json')}")
+    assert os.path.basename(cuhk["out"]) == "out" and not [f for f in os.listdir(cuhk["out"]) if ".tmp" in f]
+
+
+def test_one_size_voc_matching_and_no_plots(cuhk, tmp_path):
+    from reid_keras.metrics.detection import evaluate_detection
+
+    out = str(tmp_path / "one")
+    code, stdout, stderr = _run(["--dataset", "cuhk_sysu", "--data-root", str(cuhk["base"]), "--detections",
+                                 cuhk["dets"], "--gallery-size", "50", "--matching", "voc", "--score-threshold",
+                                 "0.6", "--out", out, "--no-plots"])
+    assert code == 0, stderr
+    m = _metrics(out)
+    dets, _, _ = load_detections(cuhk["dets"])
+    direct = evaluate_detection(dets, cuhk["dataset"], score_threshold=0.6, matching="voc")
+    assert m["gallery_sizes"] == [50] and m["gallery_size"] == 50 and "plots" not in m
+    assert m["detection"]["matching"] == "voc" and m["detection"]["ap"] == direct["ap"]
+    assert m["detection"]["recall"] == direct["recall"] and m["score_threshold"] == 0.6
+    assert sorted(os.listdir(out)) == ["metrics.json", "per_query.csv"]
+
+
+def test_prw_counts_a_query_without_positive_as_invalid(tmp_path):
+    from reid_keras.data.datasets import load_dataset
+    from reid_keras.metrics.search import evaluate_search
+    from tests.scene_trees import make_prw
+
+    make_prw(str(tmp_path))
+    dataset = load_dataset("prw", str(tmp_path))
+    dets, query = _detections_for(dataset, seed=1)
+    path = save_detections(str(tmp_path / "dets.npz"), dets)
+    np.save(tmp_path / "query.npy", query)
+    out = str(tmp_path / "out")
+    code, stdout, stderr = _run(["--dataset", "prw", "--data-root", str(tmp_path), "--detections", path,
+                                 "--query-embeddings", str(tmp_path / "query.npy"), "--gallery-size", "all",
+                                 "--out", out, "--no-plots"])
+    assert code == 0, stderr
+    m = _metrics(out)
+    direct = evaluate_search(dets, query, dataset, gallery_size=100)
+    # PRW's sizes 100 and -1 name one gallery: evaluated once
+    assert m["gallery_sizes"] == [100] and m["protocol"] == "prw" and m["query_embeddings"].endswith("query.npy")
+    assert m["num_invalid_queries"] == direct["num_invalid_queries"] >= 1  # id 9 appears in no other frame
+    assert m["mAP"] == pytest.approx(direct["mAP"]) and _table_rows(stdout)[100][-1] == m["num_invalid_queries"]
+
+
+def _error(argv):
+    code, stdout, stderr = _run(argv)
+    assert code == 2 and stdout == "" and "Traceback" not in stderr, (code, stdout, stderr)
+    assert stderr.startswith("error: ")
+    return stderr.strip()
+
+
+def test_errors_name_the_flag_and_exit_2(cuhk, tmp_path):
+    base, dets = str(cuhk["base"]), cuhk["dets"]
+    common = ["--dataset", "cuhk_sysu", "--data-root", base, "--out", str(tmp_path / "o"), "--no-plots"]
+    missing = str(tmp_path / "none.npz")
+    assert _error(common + ["--detections", missing]) == f"error: --detections: detections file '{missing}' does not exist"
+    assert _error(common + ["--detections", dets, "--gallery-size", "500"]) == (
+        "error: --gallery-size 500: cuhk_sysu has no such gallery; accepted: 50, 100, -1 or all")
+    # wrong query count, in the file and in --query-embeddings
+    loaded, query, _ = load_detections(dets)
+    short = save_detections(str(tmp_path / "short.npz"), loaded, query_embeddings=query[:2])
+    assert _error(common + ["--detections", short]) == (
+        f"error: the query_embeddings array of --detections {short} has 2 rows, but cuhk_sysu has 3 queries "
+        "(one embedding per query box, in the dataset's query order)")
+    np.save(tmp_path / "q4.npy", np.ones((4, query.shape[1])))
+    assert _error(common + ["--detections", dets, "--query-embeddings", str(tmp_path / "q4.npy")]).startswith(
+        f"error: --query-embeddings {tmp_path / 'q4.npy'} has 4 rows, but cuhk_sysu has 3 queries")
+    np.save(tmp_path / "q_dim.npy", np.ones((3, 5)))
+    assert _error(common + ["--detections", dets, "--query-embeddings", str(tmp_path / "q_dim.npy")]) == (
+        f"error: --query-embeddings {tmp_path / 'q_dim.npy'}: embeddings of size 5, but --detections {dets} has "
+        f"size {query.shape[1]}")
+    no_query = save_detections(str(tmp_path / "noq.npz"), loaded)
+    assert _error(common + ["--detections", no_query]) == (
+        f"error: --detections {no_query} holds no query_embeddings array: pass --query-embeddings FILE (one "
+        "embedding per query box, in the dataset's query order)")
+    assert not os.path.exists(tmp_path / "o")  # nothing written for a refused run
+
+
+def test_errors_for_datasets_and_bad_embeddings(cuhk, tmp_path):
+    dets = cuhk["dets"]
+    assert _error(["--dataset", "nope", "--data-root", str(tmp_path), "--detections", dets]).startswith(
+        "error: unknown dataset 'nope'; known datasets: ")
+    assert _error(["--dataset", "synthetic", "--detections", dets]) == (
+        "error: --dataset synthetic: person search needs --dataset-option layout=cuhk_sysu or layout=prw (the other "
+        "layouts are cropped people)")
+    assert _error(["--dataset", "cuhk_sysu", "--data-root", str(tmp_path), "--detections", dets]).startswith(
+        f"error: no folder or file 'Image/SSM' under {tmp_path}")
+    loaded, query, _ = load_detections(dets)
+    name = sorted(loaded)[0]
+    boxes, scores, emb = loaded[name]
+    emb = emb.copy()
+    emb[0, 0] = np.nan
+    nan_file = save_detections(str(tmp_path / "nan.npz"), {**loaded, name: (boxes, scores, emb)}, query_embeddings=query)
+    message = _error(["--dataset", "cuhk_sysu", "--data-root", str(cuhk["base"]), "--detections", nan_file,
+                      "--out", str(tmp_path / "o")])
+    assert message.startswith(f"error: --detections {nan_file}: ") and name in message
+
+
+def test_bad_flag_values_are_refused_by_the_parser(capsys):
+    from reid_keras.cli.evaluate_search import build_parser
+
+    for argv, text in ((["--gallery-size", "many"], "expected a gallery size such as 50, 100"),
+                       (["--score-threshold", "nan"], "expected a finite number, got 'nan'"),
+                       (["--matching", "greedy"], "invalid choice: 'greedy'")):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(["--dataset", "cuhk_sysu", "--detections", "d.npz", *argv])
+        assert exit_info.value.code == 2 and text in capsys.readouterr().err
+
+
+def test_default_output_folder(tmp_path):
+    from reid_keras.cli.evaluate_search import default_output
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    assert default_output(str(run / "dets.npz"), "prw") == str(run / "eval_search_prw")
+    assert default_output(str(tmp_path / "dets.npz"), "prw") == os.path.join("runs", "eval_search", "dets-prw")
+
+
+def test_python_m_entry_point(cuhk, tmp_path):
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "sub")
+    result = subprocess.run([sys.executable, "-m", "reid_keras.evaluate_search", "--dataset", "cuhk_sysu",
+                             "--data-root", str(cuhk["base"]), "--detections", cuhk["dets"], "--out", out,
+                             "--no-plots"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert _metrics(out)["mAP"] == _metrics(cuhk["out"])["mAP"]  # gallery 100 in both
+    bad = subprocess.run([sys.executable, "-m", "reid_keras.evaluate_search", "--dataset", "cuhk_sysu",
+                          "--data-root", str(cuhk["base"]), "--detections", str(tmp_path / "x.npz")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --detections: ") and "Traceback" not in bad.stderr
