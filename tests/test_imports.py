@@ -11,7 +11,8 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "reid_keras"
 # `python -m reid_keras.<command>` entry points: thin modules over reid_keras.cli.
-ENTRY_POINTS = {f"reid_keras.{name}" for name in ("train", "evaluate", "export", "match", "visualize", "experiment")}
+ENTRY_POINTS = {f"reid_keras.{name}" for name in ("train", "evaluate", "export", "match", "visualize", "experiment",
+                                                   "evaluate_search")}
 ENTRY_POINTS.add("reid_keras.data.__main__")
 # What each layer may not import (its own layer and the ones below it are fine).
 FORBIDDEN = {
