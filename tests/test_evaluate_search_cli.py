@@ -68,7 +68,8 @@ def test_a_hand_written_file_groups_rows_by_image_in_row_order(tmp_path):
     arrays["scores"] = np.array([0.1, 0.2, 0.3], np.float32)  # rows of b.jpg: 0 and 2, of a.jpg: 1
     loaded, query, meta = load_detections(_write_npz(tmp_path / "d.npz", **arrays))
     assert query is None and meta["dataset_name"] is None
-    assert loaded["b.jpg"][1].tolist() == pytest.approx([0.1, 0.3]) and loaded["a.jpg"][1].tolist() == pytest.approx([0.2])
+    assert loaded["b.jpg"][1].tolist() == pytest.approx([0.1, 0.3])
+    assert loaded["a.jpg"][1].tolist() == pytest.approx([0.2])
 
 
 def test_an_image_without_detections_loads_as_empty_arrays_of_the_right_width(tmp_path):
@@ -105,7 +106,7 @@ def test_files_that_are_no_detections_file_are_refused(tmp_path):
     text = tmp_path / "notes.npz"
     text.write_text("not a zip")
     with pytest.raises(DetectionsFileError,
-                       match=r"notes\.npz: not a readable \.npz file \(no zip archive\), expected an \.npz holding names"):
+                       match=r"notes\.npz: not a readable \.npz file \(no zip archive\), expected an \.npz"):
         load_detections(str(text))
     np.save(tmp_path / "single.npy", np.zeros(3))
     with pytest.raises(DetectionsFileError, match=r"single\.npy: a single array \(\.npy\), expected an \.npz"):
@@ -121,7 +122,8 @@ def test_files_that_are_no_detections_file_are_refused(tmp_path):
 @pytest.mark.parametrize("dets, query, message", [
     ({"a.jpg": ([[0, 0, 1, 1]], [0.5, 0.6], [[1.0]])}, None,
      "detections['a.jpg']: 1 box(es) but scores of shape (2,), expected [1]"),
-    ({"a.jpg": ([[0, 0, 1]], [0.5], [[1.0]])}, None, "detections['a.jpg']: boxes have shape (1, 3), expected [N, 4] (x1, y1, x2, y2)"),
+    ({"a.jpg": ([[0, 0, 1]], [0.5], [[1.0]])}, None,
+     "detections['a.jpg']: boxes have shape (1, 3), expected [N, 4] (x1, y1, x2, y2)"),
     ({"a.jpg": ([[0, 0, 1, 1]], [0.5], [[1.0, 0.0]]), "b.jpg": ([[0, 0, 1, 1]], [0.5], [[1.0]])}, None,
      "detections['b.jpg']: embeddings of size 1, but earlier images have size 2"),
     ({"a.jpg": ([[0, 0, 1, 1]], [0.5], [[1.0, 0.0]])}, np.zeros((3, 5)),
@@ -213,7 +215,8 @@ def test_gallery_size_curve_and_detection_curve_are_written(tmp_path):
     assert _png(search_plots.plot_gallery_size_curve(rows, str(tmp_path / "g.png")))
     with pytest.raises(ValueError, match="at least two gallery sizes, got 1"):
         search_plots.plot_gallery_size_curve(rows[:1], str(tmp_path / "g1.png"))
-    assert search_plots.gallery_size_label(-1, 6977.0) == "all (6,977)" and search_plots.gallery_size_label(4000) == "4,000"
+    assert search_plots.gallery_size_label(-1, 6977.0) == "all (6,977)"
+    assert search_plots.gallery_size_label(4000) == "4,000"
     recall = np.linspace(0, 0.9, 40)
     path = search_plots.plot_detection_pr(1 - recall / 2, recall, str(tmp_path / "pr.png"), ap=0.7,
                                           recall_at_threshold=0.8, operating_precision=0.6)
@@ -252,7 +255,8 @@ def _detections_for(dataset, seed=0, dim=16):
         n = len(scene.boxes)
         boxes = scene.boxes + rng.uniform(-1, 1, (n, 4)).astype(np.float32)
         false_alarm = np.array([[0, 0, 6, 12]], np.float32) + rng.uniform(0, 10)
-        emb = np.stack([identity[int(p)] for p in scene.pids] + [rng.normal(size=dim)]) + rng.normal(0, 0.8, (n + 1, dim))
+        emb = np.stack([identity[int(p)] for p in scene.pids] + [rng.normal(size=dim)])
+        emb += rng.normal(0, 0.8, (n + 1, dim))
         dets[scene.name] = (np.concatenate([boxes, false_alarm]), rng.uniform(0.3, 1.0, n + 1), emb)
     query = np.stack([identity[int(q.pid)] for q in dataset.queries]) + rng.normal(0, 0.8, (len(dataset.queries), dim))
     return dets, query
@@ -405,7 +409,8 @@ def test_errors_name_the_flag_and_exit_2(cuhk, tmp_path):
     base, dets = str(cuhk["base"]), cuhk["dets"]
     common = ["--dataset", "cuhk_sysu", "--data-root", base, "--out", str(tmp_path / "o"), "--no-plots"]
     missing = str(tmp_path / "none.npz")
-    assert _error(common + ["--detections", missing]) == f"error: --detections: detections file '{missing}' does not exist"
+    assert _error(common + ["--detections", missing]) == (
+        f"error: --detections: detections file '{missing}' does not exist")
     assert _error(common + ["--detections", dets, "--gallery-size", "500"]) == (
         "error: --gallery-size 500: cuhk_sysu has no such gallery; accepted: 50, 100, -1 or all")
     # wrong query count, in the file and in --query-embeddings
@@ -442,7 +447,8 @@ def test_errors_for_datasets_and_bad_embeddings(cuhk, tmp_path):
     boxes, scores, emb = loaded[name]
     emb = emb.copy()
     emb[0, 0] = np.nan
-    nan_file = save_detections(str(tmp_path / "nan.npz"), {**loaded, name: (boxes, scores, emb)}, query_embeddings=query)
+    nan_file = save_detections(str(tmp_path / "nan.npz"), {**loaded, name: (boxes, scores, emb)},
+                               query_embeddings=query)
     message = _error(["--dataset", "cuhk_sysu", "--data-root", str(cuhk["base"]), "--detections", nan_file,
                       "--out", str(tmp_path / "o")])
     assert message.startswith(f"error: --detections {nan_file}: ") and name in message
@@ -483,3 +489,17 @@ def test_python_m_entry_point(cuhk, tmp_path):
                           "--data-root", str(cuhk["base"]), "--detections", str(tmp_path / "x.npz")],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --detections: ") and "Traceback" not in bad.stderr
+
+
+def test_boxes_past_the_image_edge_are_counted_from_the_image_sizes(cuhk, tmp_path):
+    dataset = cuhk["dataset"]  # scene_trees scenes are 32 x 48 (W x H)
+    dets = {s.name: (s.boxes, np.ones(len(s.boxes)), np.eye(len(s.boxes), 8)) for s in dataset.gallery}
+    name = dataset.gallery[0].name
+    boxes, scores, emb = dets[name]
+    dets[name] = (np.concatenate([boxes, [[10, 10, 100, 40]]]), np.append(scores, 0.9), np.vstack([emb, np.eye(8)[7]]))
+    path = save_detections(str(tmp_path / "d.npz"), dets, query_embeddings=np.eye(3, 8))
+    code, stdout, stderr = _run(["--dataset", "cuhk_sysu", "--data-root", str(cuhk["base"]), "--detections", path,
+                                 "--out", str(tmp_path / "o"), "--no-plots"])
+    assert code == 0, stderr
+    assert "warning: 1 detection box(es) reach outside the image" in stdout and "detection: 1 detection" not in stdout
+    assert "1 detection box(es) reach outside the image" in _metrics(str(tmp_path / "o"))["warnings"]

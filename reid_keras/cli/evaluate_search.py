@@ -170,8 +170,8 @@ def _search_row(result: dict, protocol) -> dict:
 
 
 def _detection_summary(result: dict) -> dict:
-    keys = ("ap", "recall", "recall_labeled", "precision", "num_boxes", "num_labeled_boxes", "matching",
-            "score_threshold", "ap_score_threshold", "warnings")
+    keys = ("ap", "recall", "recall_labeled", "precision", "num_boxes", "num_labeled_boxes", "num_detections",
+            "matching", "score_threshold", "ap_score_threshold", "warnings")
     return {k: result[k] for k in keys if k in result}
 
 
@@ -188,17 +188,22 @@ def run_evaluation(args, dataset, detections, query, meta) -> tuple:
     sizes = gallery_sizes_to_run(dataset, args.gallery_size)
     head = headline_size(sizes)
     keep = args.top_k_figure if not args.no_plots else 0
+    image_sizes, unreadable = scene_image_sizes(dataset.gallery)
     results = {}
     try:
         for size in sizes:
             results[size] = evaluate_search(detections, query, dataset, gallery_size=size,
-                                            score_threshold=args.score_threshold, keep_top=keep if size == head else 0)
+                                            score_threshold=args.score_threshold, keep_top=keep if size == head else 0,
+                                            image_sizes=image_sizes)
         detection = evaluate_detection(detections, dataset, score_threshold=args.score_threshold,
-                                       matching=args.matching)
+                                       matching=args.matching, image_sizes=image_sizes)
     except ValueError as err:  # what the evaluation refuses names the image or the array
         raise UsageError(f"--detections {args.detections}: {err}") from None
     rows = [_search_row(results[s], dataset.search_protocol(s)) for s in sizes]
     warnings = collect_warnings(results, detection)
+    if unreadable:
+        warnings.append(f"{len(unreadable)} gallery image(s) could not be opened (e.g. {unreadable[0]}): boxes past "
+                        "their right or bottom edge are not counted")
     if meta.get("dataset_name") and meta["dataset_name"] != dataset.name:
         warnings.append(f"the detections file was written for {meta['dataset_name']!r}, evaluated on {dataset.name!r}")
     headline = next(r for r in rows if r["gallery_size"] == head)
@@ -216,9 +221,23 @@ def run_evaluation(args, dataset, detections, query, meta) -> tuple:
     return metrics, results, detection
 
 
+def scene_image_sizes(scenes) -> tuple:
+    """({scene name: (height, width)} read from the image headers, [paths that could not be opened])."""
+    from PIL import Image
+
+    sizes, unreadable = {}, []
+    for scene in scenes:
+        try:
+            with Image.open(scene.path) as img:
+                sizes[scene.name] = (img.height, img.width)
+        except (OSError, ValueError):
+            unreadable.append(scene.path)
+    return sizes, unreadable
+
+
 def collect_warnings(results: dict, detection: dict) -> list:
     """Every warning once: those of all gallery sizes as they are, those of some sizes prefixed with the
-    size ("gallery 50: ..."), the detection evaluation's prefixed with "detection: "."""
+    size ("gallery 50: ..."), the detection evaluation's own prefixed with "detection: "."""
     lists = [list(r.get("warnings", [])) for r in results.values()]
     warnings = []
     for size, own in zip(results, lists):
@@ -226,7 +245,7 @@ def collect_warnings(results: dict, detection: dict) -> list:
             text = w if all(w in other for other in lists) else f"gallery {size}: {w}"
             if text not in warnings:
                 warnings.append(text)
-    warnings += [f"detection: {w}" for w in detection.get("warnings", [])]
+    warnings += [f"detection: {w}" for w in detection.get("warnings", []) if w not in warnings]
     return warnings
 
 
@@ -257,8 +276,8 @@ def format_search_table(metrics: dict) -> str:
     d = metrics["detection"]
     lines.append(f"detection ({d.get('matching')} matching): AP {100 * d['ap']:.2f}% (scores >= "
                  f"{d.get('ap_score_threshold', 0.01):g}), recall {100 * d['recall']:.2f}% at score >= "
-                 f"{metrics['score_threshold']:g} (labeled people {100 * d['recall_labeled']:.2f}%)"
-                 + (f", precision {100 * d['precision']:.2f}%" if _finite(d.get("precision")) else ""))
+                 f"{metrics['score_threshold']:g} (labeled people {_percent(d['recall_labeled'])})"
+                 + f", precision {_percent(d.get('precision'))}")
     lines += [f"warning: {w}" for w in metrics["warnings"]]
     if metrics["dataset_skipped"]["total"]:
         lines.append(f"dataset: skipped {metrics['dataset_skipped']['total']} file(s) "
@@ -266,8 +285,9 @@ def format_search_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def _percent(value) -> str:
+    """"12.34%", or "n/a" for a value that is undefined (NaN, e.g. no labeled box)."""
+    return f"{100 * value:.2f}%" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
 
 
 def main(argv=None) -> int:
