@@ -503,3 +503,59 @@ def test_boxes_past_the_image_edge_are_counted_from_the_image_sizes(cuhk, tmp_pa
     assert code == 0, stderr
     assert "warning: 1 detection box(es) reach outside the image" in stdout and "detection: 1 detection" not in stdout
     assert "1 detection box(es) reach outside the image" in _metrics(str(tmp_path / "o"))["warnings"]
+
+
+def test_synthetic_scenes_with_ground_truth_boxes_and_identity_embeddings_score_perfectly(tmp_path):
+    """Ground-truth boxes (score 1) with one-hot identity embeddings: every query finds all its
+    occurrences first, so mAP = top-1 = 1, and detection AP = recall = 1 (an independent expectation)."""
+    from reid_keras.data.datasets import load_dataset
+    from reid_keras.data.datasets.scenes import UNLABELED
+    from reid_keras.metrics.search import evaluate_search, ground_truth_detections
+
+    options = ["layout=cuhk_sysu", "train_scenes=2", "test_scenes=6", "scene_size=(96, 64)"]
+    dataset = load_dataset("synthetic", str(tmp_path), layout="cuhk_sysu", train_scenes=2, test_scenes=6,
+                           scene_size=(96, 64))
+    num_q, rng = len(dataset.queries), np.random.default_rng(0)
+    dim = num_q + 8
+
+    def embed(pid):  # labeled: e_pid; unlabeled: a random vector orthogonal to every e_pid
+        return np.eye(dim)[pid] if pid != UNLABELED else np.concatenate([np.zeros(num_q), rng.normal(size=8)])
+
+    dets = ground_truth_detections(dataset, {s.name: np.stack([embed(int(p)) for p in s.pids])
+                                             for s in dataset.gallery if len(s.pids)})
+    query = np.stack([embed(int(q.pid)) for q in dataset.queries])
+    path = save_detections(str(tmp_path / "gt.npz"), dets, query_embeddings=query, dataset_name="synthetic")
+    out = str(tmp_path / "out")
+    code, stdout, stderr = _run(["--dataset", "synthetic", "--data-root", str(tmp_path),
+                                 *[a for o in options for a in ("--dataset-option", o)], "--detections", path,
+                                 "--gallery-size", "all", "--out", out, "--top-k-figure", "2"])
+    assert code == 0, stderr
+    m = _metrics(out)
+    assert m["dataset"] == "synthetic" and m["gallery_sizes"] == [s for s in dataset.gallery_sizes if s is not None]
+    for row in m["search"]:
+        assert (row["mAP"], row["top1"], row["num_invalid_queries"]) == (1.0, 1.0, 0), row
+        direct = evaluate_search(dets, query, dataset, gallery_size=row["gallery_size"])
+        assert row["mAP"] == direct["mAP"] and row["top10"] == direct["top10"]
+    assert (m["detection"]["ap"], m["detection"]["recall"], m["detection"]["recall_labeled"]) == (1.0, 1.0, 1.0)
+    assert all(_table_rows(stdout)[s][:4] == [100.0] * 4 for s in m["gallery_sizes"])
+    assert all(_png(os.path.join(out, name)) for name in m["plots"].values()) and "search_results" in m["plots"]
+
+
+def test_result_rows_mark_the_truth_only_where_no_better_match_found_the_person(cuhk):
+    dataset = cuhk["dataset"]
+    protocol = dataset.search_protocol(100)
+    positive = protocol.scene_names[int(protocol.positive_scenes[0][0])]
+    truth = protocol.positive_boxes[0][0]
+    other = next(n for n in protocol.scene_names if n not in
+                 {protocol.scene_names[int(s)] for s in protocol.positive_scenes[0]} | {dataset.queries[0].scene})
+    wrong = np.array([0, 0, 4, 9], np.float32)
+    top = [(positive, wrong, 0.9, False), (positive, truth, 0.8, True), (positive, wrong, 0.7, False),
+           (other, wrong, 0.6, False)]
+    result = {"gallery_size": 100, "top_matches": [top], "per_query": {"ap": np.array([0.25])}}
+    (row,) = search_plots.search_result_rows(dataset, result, [0])
+    assert row["query_image"] == dataset.scene(dataset.queries[0].scene).path
+    assert row["query_label"] == f"query 0 (id {dataset.queries[0].pid})\nAP 25.0%"
+    assert [m["image"] for m in row["matches"]] == [dataset.scene(n).path for n in (positive,) * 3 + (other,)]
+    assert [m["is_match"] for m in row["matches"]] == [False, True, False, False]
+    np.testing.assert_array_equal(row["matches"][0]["truth"], truth)  # missed here: show where they were
+    assert row["matches"][2]["truth"] is None and row["matches"][3]["truth"] is None  # found above / not there

@@ -184,15 +184,20 @@ def pick_search_queries(valid, count: int, seed: int = 0) -> list:
 def search_result_rows(dataset, result: dict, queries: Sequence[int]) -> list:
     """Rows of `plot_search_results` for `queries` (indices into `dataset.queries`) from an
     `evaluate_search(..., keep_top=k)` result: scene paths, the matched boxes, and the query person's
-    own box in each scene that shows them."""
+    own box in each scene that shows them (not where a better-ranked match already found them)."""
     protocol = dataset.search_protocol(result["gallery_size"])
     rows = []
     for i in queries:
         query = dataset.queries[i]
         truth = {protocol.scene_names[int(s)]: box for s, box in zip(protocol.positive_scenes[i],
                                                                       protocol.positive_boxes[i])}
-        matches = [{"image": _scene_path(dataset, name), "box": box, "similarity": float(sim), "is_match": bool(hit),
-                    "truth": truth.get(name)} for name, box, sim, hit in result["top_matches"][i]]
+        matches, found = [], set()
+        for name, box, sim, hit in result["top_matches"][i]:
+            # gold marks where the person was, unless a better-ranked match already found them there
+            matches.append({"image": _scene_path(dataset, name), "box": box, "similarity": float(sim),
+                            "is_match": bool(hit), "truth": None if name in found else truth.get(name)})
+            if hit:
+                found.add(name)
         ap = float(result["per_query"]["ap"][i])
         rows.append({"query_image": _scene_path(dataset, query.scene), "query_box": query.box, "matches": matches,
                      "query_label": f"query {query.index} (id {query.pid})\nAP {100 * ap:.1f}%"})
