@@ -499,10 +499,14 @@ def test_boxes_past_the_image_edge_are_counted_from_the_image_sizes(cuhk, tmp_pa
     dets[name] = (np.concatenate([boxes, [[10, 10, 100, 40]]]), np.append(scores, 0.9), np.vstack([emb, np.eye(8)[7]]))
     path = save_detections(str(tmp_path / "d.npz"), dets, query_embeddings=np.eye(3, 8))
     code, stdout, stderr = _run(["--dataset", "cuhk_sysu", "--data-root", str(cuhk["base"]), "--detections", path,
-                                 "--out", str(tmp_path / "o"), "--no-plots"])
+                                 "--out", str(tmp_path / "o"), "--top-k-figure", "0"])
     assert code == 0, stderr
     assert "warning: 1 detection box(es) reach outside the image" in stdout and "detection: 1 detection" not in stdout
-    assert "1 detection box(es) reach outside the image" in _metrics(str(tmp_path / "o"))["warnings"]
+    m = _metrics(str(tmp_path / "o"))
+    assert "1 detection box(es) reach outside the image" in m["warnings"]
+    # one gallery size, no results figure asked for: the detection curve only
+    assert m["plots"] == {"detection_pr": "detection_pr.png"}
+    assert not os.path.exists(tmp_path / "o" / "search_results.png")
 
 
 def test_synthetic_scenes_with_ground_truth_boxes_and_identity_embeddings_score_perfectly(tmp_path):

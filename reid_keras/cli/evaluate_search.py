@@ -121,12 +121,14 @@ def _load_search_dataset(args):
     from reid_keras.data.datasets import load_dataset, parse_options
     from reid_keras.data.datasets.base import DatasetCountError, DatasetLayoutError
 
+    from reid_keras.data.datasets.synthetic import SCENE_LAYOUT_NAMES
+
     try:
         options = parse_options(args.dataset_option)
-        if args.dataset == "synthetic" and options.get("layout") not in ("cuhk_sysu", "prw"):
-            # checked before loading: the crop layouts would be generated first, then refused
-            raise UsageError("--dataset synthetic: person search needs --dataset-option layout=cuhk_sysu or "
-                             "layout=prw (the other layouts are cropped people)")
+        if args.dataset == "synthetic" and options.get("layout") not in SCENE_LAYOUT_NAMES:
+            # checked before loading: a crop layout would be generated first, then refused
+            raise UsageError(f"--dataset synthetic: person search needs --dataset-option layout="
+                             f"{' or layout='.join(SCENE_LAYOUT_NAMES)} (the other layouts are cropped people)")
         require_data_root(args.dataset, args.data_root)
         dataset = load_dataset(args.dataset, args.data_root, **options)
     except (ValueError, DatasetLayoutError, DatasetCountError) as err:
