@@ -237,6 +237,9 @@ def test_registered_dataset_writes_once_and_reloads(tmp_path):
     text_size = load_dataset("synthetic", str(tmp_path), layout="prw", train_scenes=4, test_scenes=4,
                              scene_size="128x192", multi_view=True)
     assert text_size.search_protocol(None).name == "prw multi_view"
+    assert os.stat(folder / "SYNTHETIC.json").st_mtime_ns == stamp
+    other = load_dataset("synthetic", str(tmp_path), **{**options, "test_scenes": 5})  # other parameters: rewritten
+    assert len(other.gallery) == 5 and sorted(os.listdir(folder.parent)) == ["PRW-v16.04.20"]
     for kwargs, message in [(dict(layout="prw", num_ids=5), "num_ids is for the crop layouts"),
                             (dict(layout="market1501", train_scenes=4), "train_scenes: only for the scene layouts"),
                             (dict(layout="cuhk_sysu", multi_view=True), "multi_view is a prw option"),
