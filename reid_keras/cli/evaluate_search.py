@@ -120,7 +120,6 @@ def _load_inputs(args):
 def _load_search_dataset(args):
     from reid_keras.data.datasets import load_dataset, parse_options
     from reid_keras.data.datasets.base import DatasetCountError, DatasetLayoutError
-
     from reid_keras.data.datasets.synthetic import SCENE_LAYOUT_NAMES
 
     try:
@@ -200,7 +199,9 @@ def run_evaluation(args, dataset, detections, query, meta) -> tuple:
         detection = evaluate_detection(detections, dataset, score_threshold=args.score_threshold,
                                        matching=args.matching, image_sizes=image_sizes)
     except ValueError as err:  # what the evaluation refuses names the image or the array
-        raise UsageError(f"--detections {args.detections}: {err}") from None
+        inputs = f"--detections {args.detections}" + (f" with --query-embeddings {args.query_embeddings}"
+                                                       if args.query_embeddings else "")
+        raise UsageError(f"{inputs}: {err}") from None
     rows = [_search_row(results[s], dataset.search_protocol(s)) for s in sizes]
     warnings = collect_warnings(results, detection)
     if unreadable:
