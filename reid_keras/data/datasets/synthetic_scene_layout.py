@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from .cuhk_sysu import GALLERY_SIZES as CUHK_GALLERY_SIZES
 from .synthetic_attributes import VIEWS, camera_style, identity_attributes
 
 
@@ -41,7 +42,6 @@ MAX_PEOPLE = 12                    # Pearson paper's crowded scenes: 1-12 people
 LABELED_FRACTION = 0.5             # chance that a person slot holds a labeled identity
 APPEARANCES = (2, 5)               # scenes per labeled identity within its split
 MIN_VISIBLE = {True: 0.6, False: 0.35}   # visible fraction of a labeled / unlabeled person
-CUHK_GALLERY_SIZES = (50, 100, 500, 1000, 2000, 4000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,8 @@ def scene_camera(seed: int, layout: str, cam: int, size: tuple) -> SceneCamera:
 @dataclasses.dataclass(frozen=True)
 class PlannedPerson:
     """One person to draw: `identity` >= 1 labeled (synthetic identity number), 0 a passer-by;
-    `cx` the centre column, `top` the row of the head, `height` the person's height (pixels)."""
+    `cx` the centre column, `top` the row of the head, `height` the person's height in pixels (its
+    box height, within a pixel or two: `synthetic_scenes` draws the tight box)."""
 
     identity: int
     cx: float
