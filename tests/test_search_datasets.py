@@ -203,6 +203,13 @@ def test_cuhk_sysu_layout_errors_name_the_file(tmp_path):
         ds.search_protocol(500)
     with pytest.raises(ValueError, match=r"gallery_size=100 is not a gallery of cuhk_sysu; accepted: 50, 500, -1"):
         ds.search_protocol(100)
+    # a query without a box is a broken file, named, not a numpy error
+    broken = [(trees.CUHK_QUERIES[0][0], np.zeros((1, 0)))] + trees.CUHK_QUERIES[1:]
+    cuhk_sysu.write_annotations(str(tmp_path / "other"), {}, [], [], broken, {1000: trees.CUHK_GALLERIES[50]})
+    shutil.copy(str(tmp_path / "other" / "annotation" / "test" / "train_test" / "TestG1000.mat"), protocol_dir)
+    with pytest.raises(DatasetLayoutError, match=r"TestG1000.mat: unexpected structure of TestG1000 \(.*TestG1000.mat "
+                                                 r"query 0: idlocate has 0 values, expected \[x, y, w, h\]\)"):
+        load_dataset("cuhk_sysu", folder).search_protocol(1000)
 
 
 def test_cuhk_sysu_count_check(cuhk_root, monkeypatch):
@@ -220,7 +227,9 @@ def test_cuhk_sysu_count_check(cuhk_root, monkeypatch):
 
 def test_cuhk_sysu_writer_refuses_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"galleries\[50\] has 2 entries, expected one per query \(3\)"):
-        cuhk_sysu.write_annotations(str(tmp_path), {}, [], [], trees.CUHK_QUERIES, {50: [[], []]})
+        cuhk_sysu.write_annotations(str(tmp_path), {"s1.jpg": [[1, 2, 3, 4]]}, ["s1.jpg"], [], trees.CUHK_QUERIES,
+                                    {50: [[], []]})
+    assert not os.path.exists(tmp_path / "annotation")  # checked before the first file is written
     with pytest.raises(ValueError, match=r"images\['s1.jpg'\]: expected an array \[n, 4\] of x, y, w, h, got shape"):
         cuhk_sysu.write_annotations(str(tmp_path), {"s1.jpg": [1, 2, 3]}, [], [], [], {})
     with pytest.raises(ValueError, match=r"galleries\[50\]\[0\]: expected a box \[x, y, w, h\], got \[1.0, 2.0\]"):
@@ -358,5 +367,7 @@ def test_prw_writer_and_its_files(tmp_path):
     assert open(tmp_path / "query_info.txt", "rb").read() == b"4 1.5 2 5 6 c1s1_000001\r\n"
     with pytest.raises(ValueError, match=r"frames\['a.jpg'\]: expected rows \[id, x, y, w, h\], got shape \(4,\)"):
         prw.write_annotations(str(tmp_path), {"a.jpg": [1, 2, 3, 4]}, [], [], [])
-    with pytest.raises(ValueError, match=r"key for 'a.jpg': 'boxes' is not one of box_new, anno_file, anno_previous"):
-        prw.write_annotations(str(tmp_path), {"a.jpg": [[1, 2, 3, 4, 5]]}, [], [], [], key="boxes")
+    with pytest.raises(ValueError, match=r"key for 'b.jpg': 'boxes' is not one of box_new, anno_file, anno_previous"):
+        prw.write_annotations(str(tmp_path / "new"), {"a.jpg": [[1, 2, 3, 4, 5]], "b.jpg": [[1, 2, 3, 4, 5]]}, [], [],
+                              [], key={"b.jpg": "boxes"})
+    assert not os.path.exists(tmp_path / "new")  # checked before the first file is written

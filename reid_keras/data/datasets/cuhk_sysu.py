@@ -11,8 +11,8 @@ every other box is `UNLABELED`. Queries come from `TestG50.mat`, in file order.
 `search_protocol(N)` reads `TestG<N>.mat` on first use (`gallery_sizes`: the N whose file exists,
 plus -1 = TestG50's galleries followed by every other pool scene, pool order). A gallery name listed
 twice is kept once (`SearchProtocol.duplicates`). The TestG files are read with `squeeze_me=True`:
-TestG4000 holds 11.6 million entries, and loadmat's defaults build three numpy arrays per entry
-(about 14 GB), squeezed entries take about a third of that.
+TestG4000 holds 11.6 million entries; loadmat's defaults build three numpy arrays per entry (about
+14 GB), squeezed it peaks at 4 GB and takes about 90 s on one CPU core.
 
     >>> ds = load_dataset("cuhk_sysu", "/data/CUHK-SYSU")          # doctest: +SKIP
     >>> ds.search_protocol(100).galleries[0][:5]                    # doctest: +SKIP
@@ -51,7 +51,6 @@ LAYOUT = """CUHK-SYSU/
 # (55,272 / 40,871) are reported in `info` but not enforced: whether they include the w/h <= 0
 # boxes is not documented, and a correct copy must not fail to load over that.
 EXPECTED_COUNTS = {"train images": 11206, "train ids": 5532, "test images": 6978, "queries": 2900}
-PUBLISHED_BOXES = {"train": 55272, "test": 40871}
 REASON_MISSING = "listed in annotation/Images.mat but missing on disk"
 # What scipy raises on a file that is not a MATLAB file, or a damaged one (MatReadError is a bare Exception).
 MAT_READ_ERRORS = (ValueError, OSError, NotImplementedError, TypeError, KeyError, IndexError, EOFError, zlib.error)
@@ -90,10 +89,8 @@ def text(value) -> str:
 
 
 def xywh(value, where: str) -> np.ndarray:
-    """An `idlocate` as int64 [4] (`size == 0`: empty, returns None)."""
+    """An `idlocate` as int64 [x, y, w, h]; ValueError naming `where` for any other size (0 included)."""
     value = np.asarray(unwrap(value))
-    if value.size == 0:
-        return None
     if value.size != 4:
         raise ValueError(f"{where}: idlocate has {value.size} values, expected [x, y, w, h]")
     return value.astype(np.float64).ravel().astype(np.int64)
@@ -135,8 +132,6 @@ def read_protocol_file(path: str, size: int) -> ProtocolFile:
         raise DatasetLayoutError(f"{path}: unexpected structure of {key} ({err}); expected per query a Query "
                                  "(imname, idlocate, ...) and a Gallery of (imname, idlocate, ishard) entries, "
                                  "docs/datasets.md §6") from err
-    if any(b is None for b in query_boxes):
-        raise DatasetLayoutError(f"{path}: a query has an empty idlocate")
     offsets = np.concatenate([[0], np.cumsum([len(g) for g in galleries])]).astype(np.int64)
     return ProtocolFile(path, query_names, query_boxes, names, offsets, boxed, boxes)
 
@@ -295,7 +290,8 @@ class ProtocolBuilder:
         if gallery_size in (50, FULL_SET):
             testg = self.testg50
         else:
-            testg = read_protocol_file(os.path.join(self.folder, PROTOCOL_DIR, f"TestG{gallery_size}.mat"), gallery_size)
+            path = os.path.join(self.folder, PROTOCOL_DIR, f"TestG{gallery_size}.mat")
+            testg = read_protocol_file(path, gallery_size)
             check_same_queries(self.testg50, testg)
         name = "cuhk_sysu full set (-1)" if gallery_size == FULL_SET else f"cuhk_sysu TestG{gallery_size}"
         return build_protocol(name, testg, dataset.queries, self.scene_names, full_set=gallery_size == FULL_SET)
@@ -385,39 +381,34 @@ def write_annotations(folder: str, images: dict, test_names, train_identities, q
         queries: per query (imname, [x, y, w, h]).
         galleries: N -> per query a list of (imname, [x, y, w, h] or None): positives first, then the
             others with an empty idlocate (None alternates the (0, 0) and (1, 0) shapes).
-    The images themselves go to `folder/Image/SSM/` (the caller writes them).
+    Every argument is checked before the first file is written. The images themselves go to
+    `folder/Image/SSM/` (the caller writes them).
     """
+    for size, per_query in galleries.items():
+        if len(per_query) != len(queries):
+            raise ValueError(f"galleries[{size}] has {len(per_query)} entries, expected one per query ({len(queries)})")
     img = []
     for name, rows in images.items():
         rows = np.asarray(rows, np.float64)
         if rows.size % 4:
             raise ValueError(f"images[{name!r}]: expected an array [n, 4] of x, y, w, h, got shape {rows.shape}")
-        rows = rows.reshape(-1, 4)
-        img.append((name, np.array([[float(len(rows))]]), _struct([(r.reshape(1, 4), _ZERO) for r in rows],
-                                                                  ("idlocate", "ishard"))))
-    annotation = os.path.join(folder, "annotation")
-    save_mat(os.path.join(annotation, "Images.mat"), {"Img": _struct(img, ("imname", "nAppear", "box"))})
+        boxes = _struct([(r.reshape(1, 4), _ZERO) for r in rows.reshape(-1, 4)], ("idlocate", "ishard"))
+        img.append((name, np.array([[float(boxes.size)]]), boxes))
     pool = np.empty((len(test_names), 1), object)
-    for k, name in enumerate(test_names):
-        pool[k, 0] = name
-    save_mat(os.path.join(annotation, "pool.mat"), {"pool": pool})
+    pool[:, 0] = list(test_names)
     train = np.empty((len(train_identities), 1), object)
     for j, entries in enumerate(train_identities):
         scene = _struct([(n, _idlocate(b, 0, f"train_identities[{j}]"), _ZERO) for n, b in entries],
                         ("imname", "idlocate", "ishard"))
-        train[j, 0] = _struct([(f"p{j + 1}", np.array([[float(len(entries))]]), scene)],
-                              ("idname", "nAppear", "scene"))
-    save_mat(os.path.join(folder, TRAIN), {"Train": train})
+        train[j, 0] = _struct([(f"p{j + 1}", np.array([[float(len(entries))]]), scene)], ("idname", "nAppear", "scene"))
+    files = {IMAGES: {"Img": _struct(img, ("imname", "nAppear", "box"))}, POOL: {"pool": pool}, TRAIN: {"Train": train}}
     for size, per_query in galleries.items():
-        if len(per_query) != len(queries):
-            raise ValueError(f"galleries[{size}] has {len(per_query)} entries, expected one per query "
-                             f"({len(queries)})")
         rows = []
         for q, ((name, box), entries) in enumerate(zip(queries, per_query)):
             query = _struct([(name, _idlocate(box, 0, f"queries[{q}]"), _ZERO, f"p{q + 1}")],
                             ("imname", "idlocate", "ishard", "idname"))
-            gallery = _struct([(n, _idlocate(b, k, f"galleries[{size}][{q}]"), _ZERO)
-                               for k, (n, b) in enumerate(entries)], ("imname", "idlocate", "ishard"))
-            rows.append((query, gallery))
-        save_mat(os.path.join(folder, PROTOCOL_DIR, f"TestG{size}.mat"),
-                 {f"TestG{size}": _struct(rows, ("Query", "Gallery"))})
+            rows.append((query, _struct([(n, _idlocate(b, k, f"galleries[{size}][{q}]"), _ZERO)
+                                         for k, (n, b) in enumerate(entries)], ("imname", "idlocate", "ishard"))))
+        files[os.path.join(PROTOCOL_DIR, f"TestG{size}.mat")] = {f"TestG{size}": _struct(rows, ("Query", "Gallery"))}
+    for relative, variables in files.items():
+        save_mat(os.path.join(folder, relative), variables)

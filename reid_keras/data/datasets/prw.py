@@ -256,11 +256,13 @@ def write_annotations(folder: str, frames: dict, train_frames, test_frames, quer
         queries: (pid, x, y, w, h, frame name without extension), written to `query_info.txt` with CRLF.
         key: the annotation array's key, or a dict frame -> key (default `box_new`).
     `ID_train.mat` / `ID_test.mat` (keys `ID_train`, `ID_test`; not read by the loader) list the ids.
-    The frames themselves go to `folder/frames/` (the caller writes them).
+    Every argument is checked before the first file is written. The frames themselves go to
+    `folder/frames/` (the caller writes them).
     """
     from reid_keras.data.datasets.cuhk_sysu import save_mat
     from reid_keras.io_utils import atomic_write_bytes
 
+    files = {}
     for name, rows in frames.items():
         rows = np.asarray(rows, np.float64)
         if rows.size % 5:
@@ -268,14 +270,18 @@ def write_annotations(folder: str, frames: dict, train_frames, test_frames, quer
         frame_key = key.get(name, "box_new") if isinstance(key, dict) else key
         if frame_key not in ANNOTATION_KEYS:
             raise ValueError(f"key for {name!r}: {frame_key!r} is not one of {', '.join(ANNOTATION_KEYS)}")
-        save_mat(os.path.join(folder, "annotations", name + ".mat"), {frame_key: rows.reshape(-1, 5)})
+        files[os.path.join("annotations", name + ".mat")] = {frame_key: rows.reshape(-1, 5)}
     for split, names in (("train", train_frames), ("test", test_frames)):
         cells = np.empty((len(names), 1), object)
-        for k, name in enumerate(names):
-            cells[k, 0] = name[:-4] if name.endswith(".jpg") else name
-        save_mat(os.path.join(folder, f"frame_{split}.mat"), {f"img_index_{split}": cells})
-        ids = sorted({int(r[0]) for n in cells[:, 0] for r in np.asarray(frames.get(n + ".jpg", []), float).reshape(-1, 5)
-                      if r[0] > 0})
-        save_mat(os.path.join(folder, f"ID_{split}.mat"), {f"ID_{split}": np.array(ids, np.float64)})
+        cells[:, 0] = [name[:-4] if name.endswith(".jpg") else name for name in names]
+        rows = [files.get(os.path.join("annotations", f"{n}.jpg.mat"), {}) for n in cells[:, 0]]
+        ids = sorted({int(pid) for r in rows for array in r.values() for pid in array[:, 0] if pid > 0})
+        files[f"frame_{split}.mat"] = {f"img_index_{split}": cells}
+        files[f"ID_{split}.mat"] = {f"ID_{split}": np.array(ids, np.float64)}
+    for k, query in enumerate(queries):
+        if len(query) != 6:
+            raise ValueError(f"queries[{k}]: expected (pid, x, y, w, h, frame), got {query!r}")
     lines = "".join(f"{int(pid)} {x:g} {y:g} {w:g} {h:g} {frame}\r\n" for pid, x, y, w, h, frame in queries)
+    for relative, variables in files.items():
+        save_mat(os.path.join(folder, relative), variables)
     atomic_write_bytes(os.path.join(folder, "query_info.txt"), lines.encode("utf-8"))
