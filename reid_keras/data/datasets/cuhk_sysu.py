@@ -110,7 +110,8 @@ class ProtocolFile(NamedTuple):
 
 
 def read_protocol_file(path: str, size: int) -> ProtocolFile:
-    """Parse `TestG<size>.mat` (docs/datasets.md §6) without a Python loop over the gallery entries."""
+    """Parse `TestG<size>.mat` (docs/datasets.md §6): loadmat (squeezed), then one flat array per field
+    for all queries' gallery entries; only the non-empty idlocates (the positives) are visited one by one."""
     from operator import attrgetter
 
     key = f"TestG{size}"
