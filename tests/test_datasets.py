@@ -430,7 +430,7 @@ def test_cuhk03_unwritable_cache_is_a_clear_error(cuhk03_tree, tmp_path):
 # ------------------------------------------------------------------------------ registry
 
 def test_load_dataset_names_and_options(tmp_path):
-    assert DATASET_NAMES == ("market1501", "dukemtmc", "msmt17", "cuhk01", "cuhk03", "synthetic")
+    assert DATASET_NAMES == ("market1501", "dukemtmc", "msmt17", "cuhk01", "cuhk03", "cuhk_sysu", "prw", "synthetic")
     with pytest.raises(ValueError, match="known datasets: market1501, dukemtmc"):
         load_dataset("viper", str(tmp_path))
     with pytest.raises(ValueError, match="unknown option\\(s\\) box_type"):
