@@ -171,6 +171,7 @@ class Family:
         presets: preset name -> `Preset`.
         task: its `Task` subclass.
         serializables: modules that register the layers, losses and schedules its `.keras` files name.
+        data: what it trains on: "crops" (a `ReidDataset`) or "scenes" (a person-search `SearchDataset`).
     """
 
     name: str
@@ -178,6 +179,15 @@ class Family:
     presets: Mapping
     task: type
     serializables: tuple = ()
+    data: str = "crops"
+
+    def check_dataset(self, dataset, model: str) -> None:
+        """Refuse a dataset of the other kind (crops vs scenes), naming both, before any work is done."""
+        kind = "scenes" if hasattr(dataset, "search_protocol") else "crops"
+        if kind != self.data:
+            what = {"crops": "person crops (a re-ID dataset)", "scenes": "whole scenes with boxes (a person-search dataset)"}
+            raise ValueError(f"dataset {dataset.name!r} holds {what[kind]}, but model {model!r} (family {self.name}) "
+                             f"trains on {what[self.data]}")
 
     def endpoints(self, model) -> tuple:
         """The SavedModel endpoints of `model`: "embed", and "verify" when the task has a pair view of it."""

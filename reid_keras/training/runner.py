@@ -34,7 +34,9 @@ def load_training_data(config):
     from reid_keras.data.datasets import load_dataset
     from reid_keras.data.decoding import drop_damaged
 
-    dataset, _ = drop_damaged(load_dataset(config.dataset, config.data_root, **config.dataset_options))
+    dataset = load_dataset(config.dataset, config.data_root, **config.dataset_options)
+    config.family.check_dataset(dataset, config.model)  # before the decode check reads every image
+    dataset, _ = drop_damaged(dataset)
     return dataset
 
 
