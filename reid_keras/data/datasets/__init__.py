@@ -17,7 +17,7 @@ its own keyword options:
 | cuhk03 | box_type="labeled" / "detected", protocol="classic" / "new", split_index=0, cache_dir=None |
 | cuhk_sysu | - (person search: `SearchDataset`, `search_protocol(50 ... 4000 or -1)`) |
 | prw | multi_view=False (person search: `SearchDataset`, one gallery) |
-| synthetic | num_ids=300, layout="market1501" / "dukemtmc" / "cuhk01", seed=0 (root defaults to `data`) |
+| synthetic | layout="market1501" / "dukemtmc" / "cuhk01" (crops: num_ids=300) or "cuhk_sysu" / "prw" (scenes: train_scenes=500, test_scenes=250, scene_size=(400, 600) or "400x600", multi_view=False for prw), seed=0 (root defaults to `data`) |
 
 The person-search loaders (cuhk_sysu, prw) return a `scenes.SearchDataset` (whole scenes with their
 boxes, the queries, and the gallery of each query) instead of a `ReidDataset`.
