@@ -7,6 +7,7 @@ from sklearn.metrics import average_precision_score
 
 from reid_keras.data.datasets.scenes import (UNLABELED, SearchDataset, SearchProtocol, SearchQuery,
                                              make_scene)
+from reid_keras.metrics import search
 from reid_keras.metrics.search import evaluate_search, ground_truth_detections, iou_threshold
 
 D = 8
@@ -215,8 +216,12 @@ def random_problem(seed, gaussian=False, n_scenes=40, n_people=14, gallery=12):
 
 # ---------------------------------------------------------------------------- against the reference
 
-@pytest.mark.parametrize("seed,gaussian", [(0, False), (1, False), (2, False), (3, False), (4, True)])
-def test_matches_literal_reference(seed, gaussian):
+@pytest.mark.parametrize("seed,gaussian,matrix_share", [(0, False, None), (1, False, None), (2, False, 0.0),
+                                                       (3, False, 1.0), (4, True, 0.0), (5, True, 1.0)])
+def test_matches_literal_reference(seed, gaussian, matrix_share, monkeypatch):
+    """matrix_share 0.0 / 1.0: every gallery size through the matrix product / the per-query product."""
+    if matrix_share is not None:
+        monkeypatch.setattr(search, "MATRIX_SHARE", matrix_share)
     dataset, dets, q_emb, lists, q_scenes, names = random_problem(seed, gaussian)
     stats_total = {"tied_tp": 0, "small_tp": 0, "dup": 0}
     for size, full in ((100, False), (-1, True)):
@@ -341,12 +346,16 @@ def test_top_matches_follow_the_stable_rank_and_marks():
     assert "top_matches" not in evaluate_search(dets, q_emb, dataset)
 
 
-def test_chunks_do_not_change_anything():
-    dataset, dets, q_emb, *_ = random_problem(3, n_people=150, n_scenes=60)
+def test_chunks_and_similarity_paths_do_not_change_anything(monkeypatch):
+    dataset, dets, q_emb, *_ = random_problem(3, n_people=300, n_scenes=60)
     whole = evaluate_search(dets, q_emb, dataset, gallery_size=-1)
-    tiny = evaluate_search(dets, q_emb, dataset, gallery_size=-1, memory_budget_mb=0.01)  # 64-query chunks
+    tiny = evaluate_search(dets, q_emb, dataset, gallery_size=-1, memory_budget_mb=0.01)  # 256-query chunks
+    monkeypatch.setattr(search, "MATRIX_SHARE", 1.0)
+    per_query = evaluate_search(dets, q_emb, dataset, gallery_size=-1)
     for key in ("ap", "n_gt", "n_tp", "first_hit_rank", "n_scores"):
         np.testing.assert_array_equal(whole["per_query"][key], tiny["per_query"][key])
+        np.testing.assert_array_equal(whole["per_query"][key], per_query["per_query"][key])
+    assert search._chunk_queries(sum(len(s) for _, s, _ in dets.values()), 0.01) == search.TILE < len(q_emb)
 
 
 def test_normalising_embeddings_is_reported_and_exact():
@@ -397,7 +406,8 @@ def with_entry(dets, name, value):
     (lambda d, q: (d, np.array([[np.inf, 0, 0]])), "query_embeddings row 0 (the query in 'q.jpg') contains NaN or inf"),
     (lambda d, q: (d, np.zeros((1, 3))), "query_embeddings row 0 (the query in 'q.jpg') is all zeros"),
     (lambda d, q: (with_entry(d, "a.jpg", (d["a.jpg"][0], d["a.jpg"][1], np.zeros((2, 3)))), q),
-     "detections['a.jpg']: a kept detection (its row 0 above the score threshold) has an all-zero embedding"),
+     "detections['a.jpg']: a detection scoring at least the threshold has an all-zero embedding: it cannot be "
+     "L2-normalised"),
     (lambda d, q: (with_entry(d, "a.jpg", (d["a.jpg"][0][:, :3], d["a.jpg"][1], d["a.jpg"][2])), q),
      "detections['a.jpg']: shapes disagree (boxes (2, 3)"),
     (lambda d, q: (with_entry(d, "a.jpg", (np.array([[0, 0, np.nan, 5], [0, 0, 1, 1]]), d["a.jpg"][1],
@@ -493,3 +503,25 @@ def test_ground_truth_detections_mode():
     del bad[names[0]]
     with pytest.raises(ValueError, match=r"embeddings has no entry for 1 gallery scene\(s\) with annotated boxes"):
         ground_truth_detections(dataset, bad)
+
+
+def test_protocol_errors_name_the_protocol_and_query():
+    dataset, dets, q = small_case()
+    box = np.array([0, 0, 20, 50], np.float32)
+
+    def protocol_of(galleries, positive_scenes, positive_boxes):
+        ds = SearchDataset(name="toy", root="/nowhere", train=[], gallery=dataset.gallery, queries=dataset.queries,
+                           gallery_sizes=(100,), protocol_builder=lambda d, size: SearchProtocol(
+                               "toy G100", tuple(s.name for s in d.gallery), galleries, positive_scenes,
+                               positive_boxes))
+        with pytest.raises(ValueError) as err:
+            evaluate_search(dets, q, ds)
+        return str(err.value)
+
+    assert protocol_of(([1, 3],), ([1],), (box[None],)) == \
+        "toy G100: the gallery of query 0 refers to scene index 3, outside 0..2"
+    assert protocol_of(([2],), ([1],), (box[None],)) == "toy G100: positive scene 'a.jpg' of query 0 is not in its gallery"
+    assert protocol_of(([1, 2],), ([1],), (np.zeros((2, 4)),)) == \
+        "toy G100: query 0 has 1 positive scene(s) but 2 positive box(es)"
+    assert protocol_of(([1, 2],), ([1],), (np.array([[5, 5, 5, 30]]),)) == \
+        "toy G100: the box [5.0, 5.0, 5.0, 30.0] of query 0's person in 'a.jpg' has no area (need x2 > x1 and y2 > y1)"

@@ -30,16 +30,15 @@ UNIT_NORM_TOLERANCE = 1e-3  # |norm - 1| above this counts as "not unit-norm" (t
 FEW_DETECTIONS = 10  # the published code crashes below this many detections (its top-10 listing)
 
 
-def _iou_parts(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2) -> np.ndarray:
-    """IoU of broadcastable corner arrays (float64, continuous corners, no +1). A box with
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of broadcastable [..., 4] float64 corner arrays (continuous corners, no +1). A box with
     x2 <= x1 or y2 <= y1 has no area: IoU 0 with everything."""
-    inter = (np.maximum(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0.0)
-             * np.maximum(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0.0))
-    area_a = np.maximum(ax2 - ax1, 0.0) * np.maximum(ay2 - ay1, 0.0)
-    area_b = np.maximum(bx2 - bx1, 0.0) * np.maximum(by2 - by1, 0.0)
-    union = area_a + area_b - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+    inter_wh = np.maximum(np.minimum(a[..., 2:], b[..., 2:]) - np.maximum(a[..., :2], b[..., :2]), 0.0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    wh_a = np.maximum(a[..., 2:] - a[..., :2], 0.0)
+    wh_b = np.maximum(b[..., 2:] - b[..., :2], 0.0)
+    union = wh_a[..., 0] * wh_a[..., 1] + wh_b[..., 0] * wh_b[..., 1] - inter
+    return inter / np.where(union > 0, union, np.inf)  # no union means no intersection: 0
 
 
 def _as_boxes(boxes, name: str) -> np.ndarray:
@@ -57,12 +56,12 @@ def box_iou(a, b) -> np.ndarray:
     Continuous corners, no +1 (docs/protocols.md (d)); a box without area has IoU 0.
     """
     a, b = _as_boxes(a, "box_iou argument a"), _as_boxes(b, "box_iou argument b")
-    return _iou_parts(*(a[:, None, k] for k in range(4)), *(b[None, :, k] for k in range(4)))
+    return _iou(a[:, None, :], b[None, :, :])
 
 
 def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[N] IoU of `a[i]` with `b[i]` (both [N, 4]); the same arithmetic as `box_iou`."""
-    return _iou_parts(*(a[:, k] for k in range(4)), *(b[:, k] for k in range(4)))
+    """[N] IoU of `a[i]` with `b[i]` (both [N, 4] float64); the same arithmetic as `box_iou`."""
+    return _iou(a, b)
 
 
 @dataclasses.dataclass
@@ -88,37 +87,38 @@ class DetectionTable:
 
 
 def _entry_arrays(name: str, value, need_embeddings: bool):
-    """(boxes [N, 4] float64, scores [N] float64, embeddings [N, D] or None) of one image, checked."""
+    """(boxes [N, 4], scores [N], embeddings [N, D] or None, D or None) of one image as numeric arrays
+    with checked shapes; their values are checked (and converted) on the concatenation."""
     where = f"detections[{name!r}]"
     if not isinstance(value, (tuple, list)) or len(value) not in ((3,) if need_embeddings else (2, 3)):
         expected = "(boxes [N, 4], scores [N], embeddings [N, D])"
         got = f"a {len(value)}-tuple" if isinstance(value, (tuple, list)) else type(value).__name__
         raise ValueError(f"{where} must be {expected}, got {got}")
-    try:
-        boxes = np.asarray(value[0], dtype=np.float64)
-        scores = np.asarray(value[1], dtype=np.float64)
-        emb = np.asarray(value[2], dtype=np.float32) if need_embeddings else None
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where} must hold real numbers: {err}") from None
+    boxes, scores = np.asarray(value[0]), np.asarray(value[1])
+    emb = np.asarray(value[2]) if need_embeddings else None
+    for array in (boxes, scores) + ((emb,) if need_embeddings else ()):
+        if array.size and (array.dtype.kind not in "iuf"):
+            raise ValueError(f"{where} must hold real numbers, got dtype {array.dtype}")
     n = scores.shape[0] if scores.ndim == 1 else -1
     if boxes.size == 0 and scores.size == 0 and (emb is None or emb.size == 0):
-        dim = emb.shape[1] if emb is not None and emb.ndim == 2 else None
-        return np.zeros((0, 4)), np.zeros(0), (np.zeros((0, dim or 0), np.float32) if need_embeddings else None), dim
+        dim = emb.shape[1] if emb is not None and emb.ndim == 2 and emb.shape[1] else None
+        return np.zeros((0, 4)), np.zeros(0), None, dim
     shapes_ok = (boxes.ndim == 2 and boxes.shape[1] == 4 and n == boxes.shape[0]
                  and (emb is None or (emb.ndim == 2 and emb.shape[0] == n and emb.shape[1] > 0)))
     if not shapes_ok:
         got = f"boxes {boxes.shape}, scores {scores.shape}" + (f", embeddings {emb.shape}" if emb is not None else "")
         need = "boxes [N, 4], scores [N]" + (" and embeddings [N, D]" if need_embeddings else "")
         raise ValueError(f"{where}: shapes disagree ({got}); need {need} with the same N")
-    if not np.isfinite(boxes).all():
-        row = int(np.flatnonzero(~np.isfinite(boxes).all(1))[0])
-        raise ValueError(f"{where}: boxes contain NaN or inf (row {row})")
-    if not np.isfinite(scores).all():
-        raise ValueError(f"{where}: scores contain NaN or inf (row {int(np.flatnonzero(~np.isfinite(scores))[0])})")
-    if emb is not None and not np.isfinite(emb).all():
-        row = int(np.flatnonzero(~np.isfinite(emb).all(1))[0])
-        raise ValueError(f"{where}: embeddings contain NaN or inf (row {row}); check the model output")
     return boxes, scores, emb, (emb.shape[1] if emb is not None else None)
+
+
+def _first_bad_row(ok_rows: np.ndarray, ends: np.ndarray, names: list, what: str, hint: str = "") -> None:
+    """ValueError naming the image (and its row) of the first False in `ok_rows` (rows of the concatenation)."""
+    bad = np.flatnonzero(~ok_rows)
+    if bad.size:
+        i = int(np.searchsorted(ends, bad[0], side="right"))
+        row = int(bad[0] - (ends[i - 1] if i else 0))
+        raise ValueError(f"detections[{names[i]!r}]: {what} contain NaN or inf (row {row}){hint}")
 
 
 def example_names(names) -> str:
@@ -150,9 +150,8 @@ def prepare_detections(detections, scene_names, score_threshold: float, *, known
     for i, n in enumerate(scene_names):
         index.setdefault(n, i)  # a name listed twice: its first scene gets the detections
     known = set(known_names)
-    boxes, scores, embs, per_scene_count = [], [], [], np.zeros(len(scene_names), np.int64)
-    has_entry = np.zeros(len(scene_names), bool)
-    unknown, empty, no_area, outside, dim, dim_from = [], [], 0, 0, None, None
+    entries, has_entry = [], np.zeros(len(scene_names), bool)
+    unknown, empty, dim, dim_from = [], [], None, None
     for name, value in detections.items():
         s = index.get(name)
         if s is None:
@@ -170,35 +169,43 @@ def prepare_detections(detections, scene_names, score_threshold: float, *, known
         if len(sc) == 0:
             empty.append(name)
             continue
-        no_area += int(np.count_nonzero((b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])))
-        out = (b[:, 0] < 0) | (b[:, 1] < 0)
-        if image_sizes is not None and name in image_sizes:
-            height, width = image_sizes[name]
-            out |= (b[:, 2] > width) | (b[:, 3] > height)
-        outside += int(np.count_nonzero(out))
-        keep = sc >= score_threshold
-        per_scene_count[s] = int(np.count_nonzero(keep))
-        boxes.append((s, b[keep]))
-        scores.append(sc[keep])
-        if need_embeddings:
-            embs.append(e[keep])
+        entries.append((s, name, b, sc, e))
     if detections and not has_entry.any():
         raise ValueError(f"none of the {len(detections)} image name(s) in detections is a test scene of "
                          f"{dataset_name} (got {example_names(detections)}; expected file names such as "
                          f"{example_names(list(scene_names)[:2])})")
-    # entries arrive in dict order; the table is in scene order
-    order = np.argsort([s for s, _ in boxes], kind="stable")
-    count = per_scene_count
+    entries.sort(key=lambda entry: entry[0])  # the table is in scene order, each image's rows in its order
+    names = [entry[1] for entry in entries]
+    sizes = np.array([len(entry[3]) for entry in entries], np.int64)
+    ends = np.cumsum(sizes)
+    all_boxes = np.concatenate([entry[2] for entry in entries], dtype=np.float64) if entries else np.zeros((0, 4))
+    all_scores = np.concatenate([entry[3] for entry in entries], dtype=np.float64) if entries else np.zeros(0)
+    _first_bad_row(np.isfinite(all_boxes).all(axis=1), ends, names, "boxes")
+    _first_bad_row(np.isfinite(all_scores), ends, names, "scores")
+    keep = all_scores >= score_threshold
+    count = np.bincount(np.repeat([entry[0] for entry in entries], sizes).astype(np.int64)[keep],
+                        minlength=len(scene_names)).astype(np.int64)
     start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-    table_boxes = np.concatenate([boxes[i][1] for i in order]) if boxes else np.zeros((0, 4))
-    table_scores = np.concatenate([scores[i] for i in order]) if scores else np.zeros(0)
     table_emb, warnings = None, []
     if need_embeddings:
-        table_emb = (np.concatenate([embs[i] for i in order]) if embs else np.zeros((0, dim or 0), np.float32))
-        table_emb, changed = _normalise_rows(table_emb, start, count, scene_names)
+        all_emb = (np.concatenate([entry[4] for entry in entries], dtype=np.float32) if entries
+                   else np.zeros((0, dim or 0), np.float32))
+        # float64 sums of squares of float32 values are finite exactly when every value is
+        norms = np.sqrt(np.einsum("ij,ij->i", all_emb, all_emb, dtype=np.float64))
+        _first_bad_row(np.isfinite(norms), ends, names, "embeddings", "; check the model output")
+        table_emb, changed = _normalise_rows(all_emb[keep], norms[keep], start, count, scene_names)
+        del all_emb
         if changed:
             warnings.append(f"normalised {changed} detection embedding(s) that were not unit-norm "
                             f"(|norm - 1| > {UNIT_NORM_TOLERANCE:g}; docs/protocols.md (d))")
+    no_area = int(np.count_nonzero((all_boxes[:, 2] <= all_boxes[:, 0]) | (all_boxes[:, 3] <= all_boxes[:, 1])))
+    out = (all_boxes[:, 0] < 0) | (all_boxes[:, 1] < 0)
+    if image_sizes is not None:
+        height, width = np.repeat(np.array([image_sizes.get(n, (np.inf, np.inf)) for n in names],
+                                           np.float64).reshape(-1, 2), sizes, axis=0).T
+        out |= (all_boxes[:, 2] > width) | (all_boxes[:, 3] > height)
+    outside = int(np.count_nonzero(out))
+    table_boxes, table_scores = all_boxes[keep], all_scores[keep]
     scene = np.repeat(np.arange(len(scene_names)), count)
     if empty:
         warnings.append(f"{len(empty)} image(s) have an empty detection list (e.g. {example_names(empty)})")
@@ -217,18 +224,19 @@ def prepare_detections(detections, scene_names, score_threshold: float, *, known
                           dim, has_entry, warnings)
 
 
-def _normalise_rows(emb: np.ndarray, start, count, scene_names) -> tuple:
-    """L2-normalised float32 rows and how many were not unit-norm; ValueError naming the image of a zero row."""
+def _normalise_rows(emb: np.ndarray, norms: np.ndarray, start, count, scene_names) -> tuple:
+    """`emb` (a fresh float32 array) L2-normalised in place, and how many rows were not unit-norm;
+    ValueError naming the image of an all-zero row."""
     if emb.shape[0] == 0:
         return np.ascontiguousarray(emb, np.float32), 0
-    norms = np.sqrt(np.einsum("ij,ij->i", emb, emb, dtype=np.float64))
     zero = np.flatnonzero(norms == 0)
     if zero.size:
         s = int(np.searchsorted(start + count, zero[0], side="right"))
-        raise ValueError(f"detections[{scene_names[s]!r}]: a kept detection (its row {int(zero[0] - start[s])} "
-                         "above the score threshold) has an all-zero embedding: it cannot be L2-normalised")
+        raise ValueError(f"detections[{scene_names[s]!r}]: a detection scoring at least the threshold has an "
+                         "all-zero embedding: it cannot be L2-normalised")
     changed = int(np.count_nonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE))
-    return np.ascontiguousarray(emb / norms[:, None].astype(np.float32), dtype=np.float32), changed
+    emb /= norms[:, None].astype(np.float32)
+    return emb, changed
 
 
 def first_per_group(group: np.ndarray, *keys) -> np.ndarray:
