@@ -148,7 +148,8 @@ def test_box_functions_run_in_one_graph_with_dynamic_shapes():
 @pytest.mark.parametrize("call, message", [
     (lambda: generate_anchors(2, 2, 16, (), (1.0,)), "sizes must be a non-empty sequence of positive numbers"),
     (lambda: generate_anchors(2, 2, 16, (32,), (0.0,)), "ratios must be a non-empty sequence of positive numbers"),
-    (lambda: generate_anchors(2, 2, -16, (32,), (1.0,)), r"stride must be a positive number \(input pixels per feature-map step\), got -16"),
+    (lambda: generate_anchors(2, 2, -16, (32,), (1.0,)),
+     r"stride must be a positive number \(input pixels per feature-map step\), got -16"),
     (lambda: encode_boxes(np.zeros((3, 4)), np.zeros((3, 4)), (1.0, 1.0, 1.0)),
      r"weights must hold 4 positive numbers \(wx, wy, ww, wh\), got \(1.0, 1.0, 1.0\)"),
     (lambda: decode_boxes(np.zeros((3, 4)), np.zeros((3, 3)), RPN_BOX_WEIGHTS),

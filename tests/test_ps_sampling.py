@@ -234,6 +234,15 @@ def test_roi_targets_without_ground_truth_boxes_or_people():
     np.testing.assert_array_equal(few["weights"].numpy().sum(axis=1), [5, 5])
 
 
+def test_targets_carry_no_gradient_to_the_proposals():
+    proposals, proposal_mask, gt, pids, mask = roi_problem()
+    proposals = tf.Variable(proposals)
+    with tf.GradientTape() as tape:
+        out = roi_targets(proposals, gt, pids, mask, [1, 1], proposal_mask=proposal_mask)
+        total = tf.reduce_sum(out["rois"]) + tf.reduce_sum(out["box_targets"])
+    assert tape.gradient(total, proposals) is None  # Faster R-CNN: the RoIs are constants for the loss
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda p: anchor_targets(p["anchors"], p["gt"], p["mask"], p["shape"], [1, 2], num_samples=0),
      "num_samples must be an integer >= 1, got 0"),
@@ -254,7 +263,8 @@ def test_roi_targets_without_ground_truth_boxes_or_people():
     (lambda p: roi_targets(p["gt"], p["gt"], p["mask"], p["mask"], [1, 2], background_iou=(0.5, 0.1)),
      r"background_iou must satisfy 0 <= low < high <= foreground_iou=0.5, got \(0.5, 0.1\)"),
     (lambda p: roi_targets(p["gt"], p["gt"], p["mask"][0], p["mask"], [1, 2]), r"gt_pids must have shape \[B, M\]"),
-    (lambda p: roi_targets(p["gt"][0], p["gt"], p["mask"], p["mask"], [1, 2]), r"proposals must have shape \[B, P, 4\]"),
+    (lambda p: roi_targets(p["gt"][0], p["gt"], p["mask"], p["mask"], [1, 2]),
+     r"proposals must have shape \[B, P, 4\]"),
 ])
 def test_bad_arguments_are_named(call, message):
     anchors, gt, mask, _ = anchor_problem()
