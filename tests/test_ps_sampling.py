@@ -263,6 +263,10 @@ def test_targets_carry_no_gradient_to_the_proposals():
     (lambda p: roi_targets(p["gt"], p["gt"], p["mask"], p["mask"], [1, 2], background_iou=(0.5, 0.1)),
      r"background_iou must satisfy 0 <= low < high <= foreground_iou=0.5, got \(0.5, 0.1\)"),
     (lambda p: roi_targets(p["gt"], p["gt"], p["mask"][0], p["mask"], [1, 2]), r"gt_pids must have shape \[B, M\]"),
+    (lambda p: roi_targets(p["gt"], p["gt"], p["mask"], p["mask"], [1, 2], proposal_mask=p["mask"][:, :2]),
+     r"proposal_mask must have shape \[B, P\] = \(3, 3\) like the proposals, got \(3, 2\)"),
+    (lambda p: anchor_targets(p["anchors"], p["gt"], p["mask"][:2], p["shape"], [1, 2]),
+     r"gt_mask must have shape \[B, M\] = \(3, 3\) like gt_boxes, got \(2, 3\)"),
     (lambda p: roi_targets(p["gt"][0], p["gt"], p["mask"], p["mask"], [1, 2]),
      r"proposals must have shape \[B, P, 4\]"),
 ])

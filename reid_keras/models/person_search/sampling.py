@@ -43,7 +43,9 @@ def _check_ground_truth(gt_boxes, gt_mask):
         raise ValueError(f"gt_boxes must have shape [B, M, 4] (x1, y1, x2, y2), got {tuple(gt_boxes.shape)}")
     if gt_mask.shape.rank != 2:
         raise ValueError(f"gt_mask must have shape [B, M] (False = padding row), got {tuple(gt_mask.shape)}")
-    gt_mask.shape.assert_is_compatible_with(gt_boxes.shape[:2])
+    if not gt_mask.shape.is_compatible_with(gt_boxes.shape[:2]):
+        raise ValueError(f"gt_mask must have shape [B, M] = {tuple(gt_boxes.shape[:2])} like gt_boxes, "
+                         f"got {tuple(gt_mask.shape)}")
     # One extra padding row: every image has a column to take max / argmax over, also when M = 0.
     return (tf.pad(gt_boxes, [[0, 0], [0, 1], [0, 0]]), tf.pad(gt_mask, [[0, 0], [0, 1]]))
 
@@ -205,8 +207,9 @@ def roi_targets(proposals, gt_boxes, gt_pids, gt_mask, seed, num_samples=128, po
     if proposal_mask is None:
         proposal_mask = tf.ones(tf.shape(proposals)[:2], tf.bool)
     proposal_mask = tf.cast(proposal_mask, tf.bool)
-    if proposal_mask.shape.rank != 2:
-        raise ValueError(f"proposal_mask must have shape [B, P], got {tuple(proposal_mask.shape)}")
+    if proposal_mask.shape.rank != 2 or not proposal_mask.shape.is_compatible_with(proposals.shape[:2]):
+        raise ValueError(f"proposal_mask must have shape [B, P] = {tuple(proposals.shape[:2])} like the proposals, "
+                         f"got {tuple(proposal_mask.shape)}")
 
     candidates, usable = proposals, proposal_mask
     if add_ground_truth:
