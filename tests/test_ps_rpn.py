@@ -282,6 +282,16 @@ def test_proposal_layer_config_round_trip_and_functional_shapes():
     assert valid.dtype == "bool"
 
 
+def test_proposal_layer_ranks_in_float32_under_mixed_precision():
+    """Logits 1.0001 < 1.0002 are equal in float16; the layer keeps them float32, so the second box wins."""
+    anchors = np.array([[0, 0, 10, 10], [20, 0, 30, 10]], np.float32)
+    logits = np.array([[1.0001, 1.0002]], np.float32)
+    proposals, scores, _ = ProposalLayer(10, 2, dtype="mixed_float16")([logits, np.zeros((1, 2, 4), np.float32),
+                                                                       anchors, np.array([[64, 64]])])
+    np.testing.assert_array_equal(proposals[0], anchors[::-1])
+    assert proposals.dtype == tf.float32 and scores.dtype == tf.float32
+
+
 def test_proposals_reject_bad_arguments():
     anchors = generate_anchors(2, 2, STRIDE, (32.0,), (1.0,))
     logits, deltas = np.zeros((1, 4), np.float32), np.zeros((1, 4, 4), np.float32)
@@ -296,5 +306,6 @@ def test_proposals_reject_bad_arguments():
         generate_proposals(logits, deltas, np.zeros((8, 4), np.float32), [[32, 32]], 10, 5)
     with pytest.raises(ValueError, match=r"image_shape must have shape \[batch, 2\]"):
         generate_proposals(logits, deltas, anchors, [32, 32], 10, 5)
-    with pytest.raises(ValueError, match=r"ProposalLayer expects inputs \[objectness, deltas, anchors, image_shape\]"):
+    with pytest.raises(ValueError, match=r"ProposalLayer expects inputs \[objectness, deltas, anchors, "
+                                         r"image_shape\], got 2 input\(s\)"):
         ProposalLayer(10, 5)([logits, deltas])

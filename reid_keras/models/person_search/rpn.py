@@ -241,8 +241,9 @@ class ProposalLayer(keras.layers.Layer):
 
     def _split(self, inputs):
         if not isinstance(inputs, (list, tuple)) or len(inputs) != 4:
+            count = len(inputs) if isinstance(inputs, (list, tuple)) else 1
             raise ValueError(f"{self.name}: ProposalLayer expects inputs [objectness, deltas, anchors, image_shape], "
-                             f"got {type(inputs).__name__} of length {len(inputs) if isinstance(inputs, (list, tuple)) else 1}")
+                             f"got {count} input(s)")
         return inputs
 
     def call(self, inputs):
