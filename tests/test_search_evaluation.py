@@ -352,9 +352,14 @@ def test_chunks_and_similarity_paths_do_not_change_anything(monkeypatch):
     tiny = evaluate_search(dets, q_emb, dataset, gallery_size=-1, memory_budget_mb=0.01)  # 256-query chunks
     monkeypatch.setattr(search, "MATRIX_SHARE", 1.0)
     per_query = evaluate_search(dets, q_emb, dataset, gallery_size=-1)
+    monkeypatch.setattr(search, "SCENES_PER_CHUNK", 100)  # chunks of one or two queries
+    monkeypatch.setattr(search, "POSITION_CELLS", 3 * 60)  # and at most three
+    small_chunks = evaluate_search(dets, q_emb, dataset, gallery_size=-1)
     for key in ("ap", "n_gt", "n_tp", "first_hit_rank", "n_scores"):
         np.testing.assert_array_equal(whole["per_query"][key], tiny["per_query"][key])
         np.testing.assert_array_equal(whole["per_query"][key], per_query["per_query"][key])
+        np.testing.assert_array_equal(whole["per_query"][key], small_chunks["per_query"][key])
+    assert whole["duplicates"] == small_chunks["duplicates"] > 0
     assert search._chunk_queries(sum(len(s) for _, s, _ in dets.values()), 0.01) == search.TILE < len(q_emb)
 
 

@@ -190,9 +190,11 @@ def prepare_detections(detections, scene_names, score_threshold: float, *, known
     if need_embeddings:
         all_emb = (np.concatenate([entry[4] for entry in entries], dtype=np.float32) if entries
                    else np.zeros((0, dim or 0), np.float32))
-        # float64 sums of squares of float32 values are finite exactly when every value is
-        norms = np.sqrt(np.einsum("ij,ij->i", all_emb, all_emb, dtype=np.float64))
-        _first_bad_row(np.isfinite(norms), ends, names, "embeddings", "; check the model output")
+        norms = np.sqrt(np.einsum("ij,ij->i", all_emb, all_emb)).astype(np.float64)
+        overflow = ~np.isfinite(norms)  # NaN or inf in the row, or squares past float32's range
+        if overflow.any():
+            norms[overflow] = np.sqrt(np.einsum("ij,ij->i", all_emb[overflow], all_emb[overflow], dtype=np.float64))
+            _first_bad_row(np.isfinite(norms), ends, names, "embeddings", "; check the model output")
         table_emb, changed = _normalise_rows(all_emb[keep], norms[keep], start, count, scene_names)
         del all_emb
         if changed:
@@ -235,7 +237,7 @@ def _normalise_rows(emb: np.ndarray, norms: np.ndarray, start, count, scene_name
         raise ValueError(f"detections[{scene_names[s]!r}]: a detection scoring at least the threshold has an "
                          "all-zero embedding: it cannot be L2-normalised")
     changed = int(np.count_nonzero(np.abs(norms - 1.0) > UNIT_NORM_TOLERANCE))
-    emb /= norms[:, None].astype(np.float32)
+    np.divide(emb, norms[:, None], out=emb, casting="unsafe")  # float64 norms: huge rows stay finite
     return emb, changed
 
 

@@ -16,11 +16,13 @@ scenes before the others, so a true match is never added a second time as a nega
 size -1 bug of SeqNet and COAT, docs/protocols.md (d)).
 
 Speed: every image's detections are concatenated once (`metrics/detection.py`); no Python loop
-runs over gallery images. Similarities come from one matrix product per chunk of queries against
+runs over gallery images. Similarities come from one matrix product per block of queries against
 all detections (memory bounded by `memory_budget_mb`) when the galleries list a large share of
 the scenes (the full set), otherwise from each query's product with its own gallery's detections
-(TestG100 lists 1.4 % of CUHK-SYSU). Each query is then labelled and scored with array operations
-on its ranked list: only the ranks of its few true positives are counted, nothing is sorted.
+(TestG100 lists 1.4 % of CUHK-SYSU). The ranked lists of a chunk of queries are laid end to end
+in flat arrays and labelled together; then only the ranks of each query's few true positives are
+counted (comparisons, no sort). At CUHK-SYSU size this is 10x (gallery 100) and 40x (full set)
+faster than the published per-query loop (experiments/benchmarks/search_evaluation_speed.py).
 """
 from __future__ import annotations
 
@@ -34,10 +36,13 @@ from reid_keras.metrics.detection import (UNIT_NORM_TOLERANCE, example_names, fi
 
 TOP_K = (1, 5, 10)
 TILE = 256  # query rows per matrix product; chunks are whole tiles, so results never depend on the budget
-# Galleries listing more than this share of the scenes (on average) use the matrix product: gathering a
-# gallery's embeddings costs about 6x a matrix product's time per similarity (measured at CUHK-SYSU size).
-MATRIX_SHARE = 0.15
-ENTRIES_PER_CHUNK = 2**20  # ranked-list entries scored together (flat arrays of this length)
+# Galleries listing more than this share of the scenes (on average) use one matrix product for many
+# queries; smaller ones gather their own detections' embeddings, which costs some 30x more per
+# similarity. Measured at CUHK-SYSU size: TestG100 (1.4 %) 0.4 s own vs 1.6 s matrix; TestG500 (7 %)
+# 3.4 s own vs 1.0 s matrix.
+MATRIX_SHARE = 0.03
+SCENES_PER_CHUNK = 2**17  # gallery entries scored together (their detections form flat arrays)
+POSITION_CELLS = 2**22  # queries x scenes cells of the chunk's int32 place table (16 MB)
 
 
 def iou_threshold(w, h):
@@ -103,22 +108,90 @@ def _ranges(start: np.ndarray, count: np.ndarray) -> tuple:
     return np.repeat(start - offsets, count) + np.arange(int(count.sum())), offsets
 
 
-def _first_occurrences(values: np.ndarray) -> np.ndarray:
-    """Indices of the first occurrence of each value, in their original order."""
-    return np.sort(np.unique(values, return_index=True)[1])
+class _Chunk(NamedTuple):
+    """The checked protocol entries of queries lo..hi-1, flat: gallery scenes `scenes` (first
+    occurrences, each query's in order) with `scene_query` (0-based within the chunk); positive scenes
+    `ps`, their boxes `pb` [P, 4] and `place` (index into `scenes`); per query `n_gt`, `duplicates`."""
 
-
-class _Query(NamedTuple):
-    """One query's checked protocol entry: gallery scenes `g` (first occurrences, in order), positive
-    scenes `ps` with boxes `pb` [P, 4] and their places in `g`, duplicates dropped, detections listed."""
-
-    q: int
-    g: np.ndarray
+    lo: int
+    scenes: np.ndarray
+    scene_query: np.ndarray
     ps: np.ndarray
     pb: np.ndarray
     place: np.ndarray
-    duplicates: int
-    num_entries: int
+    n_gt: np.ndarray
+    duplicates: np.ndarray
+
+
+def _list_of(index: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Which list each flat `index` falls in, for lists of `lengths` laid end to end."""
+    return np.searchsorted(np.cumsum(lengths), index, side="right")
+
+
+def _read_chunk(protocol, lo: int, hi: int) -> _Chunk:
+    """`protocol`'s entries for queries lo..hi-1, checked, duplicates dropped (docs/protocols.md (d)).
+
+    Raises ValueError naming the protocol and the query: scene indices that are not integers or out
+    of range, boxes and positive scenes that disagree, a positive box without area (its IoU threshold
+    would be 0), a positive scene missing from the query's gallery.
+    """
+    name, num_scenes, n = protocol.name, len(protocol.scene_names), hi - lo
+    galleries = [np.asarray(protocol.galleries[q]).reshape(-1) for q in range(lo, hi)]
+    positives = [np.asarray(protocol.positive_scenes[q]).reshape(-1) for q in range(lo, hi)]
+    boxes = [np.asarray(protocol.positive_boxes[q], np.float64) for q in range(lo, hi)]
+    for i, (g, ps, pb) in enumerate(zip(galleries, positives, boxes)):
+        if (g.size and g.dtype.kind not in "iu") or (ps.size and ps.dtype.kind not in "iu"):
+            raise ValueError(f"{name}: the gallery and positive scenes of query {lo + i} must be integer scene "
+                             f"indices, got dtypes {g.dtype} and {ps.dtype}")
+        if pb.size != 4 * ps.size:
+            raise ValueError(f"{name}: query {lo + i} has {ps.size} positive scene(s) but {pb.size / 4:g} positive "
+                             "box(es)")
+    g_len = np.array([g.size for g in galleries], np.int64)
+    scenes = np.concatenate(galleries).astype(np.int64)
+    for flat, lengths, what in ((scenes, g_len, "gallery"),
+                                (np.concatenate(positives).astype(np.int64), [p.size for p in positives],
+                                 "positive scenes")):
+        bad = np.flatnonzero((flat < 0) | (flat >= num_scenes))
+        if bad.size:
+            raise ValueError(f"{name}: the {what} of query {lo + int(_list_of(bad[0], lengths))} refers to "
+                             f"scene index {int(flat[bad[0]])}, outside 0..{num_scenes - 1}")
+    scene_query = np.repeat(np.arange(n), g_len)
+    # position[i, s] = place of scene s in query i's gallery; a scene listed twice shows as a mismatch
+    # whichever of its writes won, and then only first occurrences are kept
+    position = np.full((n, num_scenes), -1, np.int32)
+    within = np.arange(scenes.size) - np.repeat(np.cumsum(g_len) - g_len, g_len)
+    position[scene_query, scenes] = within
+    duplicates = np.zeros(n, np.int64)
+    if not (position[scene_query, scenes] == within).all():
+        keep = np.zeros(scenes.size, bool)
+        keep[np.unique(scene_query * num_scenes + scenes, return_index=True)[1]] = True
+        duplicates = np.bincount(scene_query[~keep], minlength=n)
+        scenes, scene_query = scenes[keep], scene_query[keep]
+        g_len = np.bincount(scene_query, minlength=n)
+        position[:] = -1
+        position[scene_query, scenes] = np.arange(scenes.size) - np.repeat(np.cumsum(g_len) - g_len, g_len)
+    ps = np.concatenate(positives).astype(np.int64)
+    pb = np.concatenate(boxes).reshape(-1, 4)
+    pq = np.repeat(np.arange(n), [p.size for p in positives])
+    flat = np.flatnonzero((pb[:, 2:] <= pb[:, :2]).any(axis=1))
+    if flat.size:  # its IoU threshold would be 0: any detection would match it
+        i = flat[0]
+        raise ValueError(f"{name}: the box {pb[i].tolist()} of query {lo + int(pq[i])}'s person in "
+                         f"{protocol.scene_names[int(ps[i])]!r} has no area (need x2 > x1 and y2 > y1)")
+    keep = np.zeros(ps.size, bool)
+    keep[np.unique(pq * num_scenes + ps, return_index=True)[1]] = True
+    if not keep.all():
+        duplicates = np.maximum(duplicates, np.bincount(pq[~keep], minlength=n))
+        ps, pb, pq = ps[keep], pb[keep], pq[keep]
+    place = position[pq, ps]
+    missing = np.flatnonzero(place < 0)
+    if missing.size:
+        i = missing[0]
+        raise ValueError(f"{name}: positive scene {protocol.scene_names[int(ps[i])]!r} of query {lo + int(pq[i])} "
+                         "is not in its gallery")
+    first_scene = np.cumsum(g_len) - g_len
+    return _Chunk(lo, scenes, scene_query, ps, pb, first_scene[pq] + place, np.bincount(pq, minlength=n),
+                  duplicates)
 
 
 class _Scorer:
@@ -131,77 +204,32 @@ class _Scorer:
 
     def __init__(self, protocol, table, q_emb: np.ndarray, keep_top: int):
         self.protocol, self.table, self.q_emb, self.keep_top = protocol, table, q_emb, keep_top
-        self.num_scenes = len(protocol.scene_names)
-        self.position = np.full(self.num_scenes, -1, np.int64)  # scene -> place in the current gallery
 
-    def query(self, q: int) -> _Query:
-        """Query `q`'s protocol entry, checked: ValueError naming the protocol and the query."""
-        name, g = self.protocol.name, np.asarray(self.protocol.galleries[q]).reshape(-1)
-        ps = np.asarray(self.protocol.positive_scenes[q]).reshape(-1)
-        if (g.size and g.dtype.kind not in "iu") or (ps.size and ps.dtype.kind not in "iu"):
-            raise ValueError(f"{name}: the gallery and positive scenes of query {q} must be integer scene indices, "
-                             f"got dtypes {g.dtype} and {ps.dtype}")
-        if g.size and (g.min() < 0 or g.max() >= self.num_scenes):
-            raise ValueError(f"{name}: the gallery of query {q} refers to scene index "
-                             f"{int(g.min() if g.min() < 0 else g.max())}, outside 0..{self.num_scenes - 1}")
-        pb = np.asarray(self.protocol.positive_boxes[q], np.float64)
-        pb = pb.reshape(-1, 4) if pb.size else np.zeros((0, 4))
-        if pb.shape[0] != ps.shape[0]:
-            raise ValueError(f"{name}: query {q} has {ps.shape[0]} positive scene(s) but {pb.shape[0]} positive box(es)")
-        flat = (pb[:, 2:] <= pb[:, :2]).any(axis=1)
-        if flat.any():  # its IoU threshold would be 0: any detection would match it
-            raise ValueError(f"{name}: the box {pb[flat][0].tolist()} of query {q}'s person in "
-                             f"{self.protocol.scene_names[int(ps[flat][0])]!r} has no area (need x2 > x1 and y2 > y1)")
-        duplicates = 0
-        if len(set(ps.tolist())) != ps.size:
-            keep = _first_occurrences(ps)
-            ps, pb, duplicates = ps[keep], pb[keep], ps.size - keep.size
-        places = np.arange(g.size)
-        self.position[g] = places
-        try:
-            if not (self.position[g] == places).all():  # a scene listed twice, whichever write won
-                self.position[g] = -1
-                keep = _first_occurrences(g)
-                g, duplicates = g[keep], max(duplicates, g.size - keep.size)
-                self.position[g] = np.arange(g.size)
-            place = self.position[ps]
-        finally:
-            self.position[g] = -1
-        if (place < 0).any():
-            raise ValueError(f"{name}: positive scene {self.protocol.scene_names[int(ps[place < 0][0])]!r} of "
-                             f"query {q} is not in its gallery")
-        return _Query(q, g, ps, pb, place, duplicates, int(self.table.count[g].sum()))
-
-    def score(self, chunk: list, sims: np.ndarray | None, sims_lo: int, out: dict, top: list) -> None:
-        """Score the `_Query`s of `chunk` into the per-query arrays of `out`. `sims`: similarities of
-        queries sims_lo.. to every table row, or None to multiply each query with its own detections."""
-        table, n = self.table, len(chunk)
-        qs = np.array([c.q for c in chunk], np.int64)
-        scenes = np.concatenate([c.g for c in chunk])
-        rows, scene_offset = _ranges(table.start[scenes], table.count[scenes])
-        size = np.array([c.num_entries for c in chunk], np.int64)
+    def score(self, chunk: _Chunk, sims: np.ndarray | None, sims_lo: int, out: dict, top: list) -> None:
+        """Score `chunk` into the per-query arrays of `out`. `sims`: similarities of queries sims_lo..
+        to every table row, or None to multiply each query with its own gallery's detections."""
+        table, n = self.table, chunk.n_gt.size
+        qs = chunk.lo + np.arange(n)
+        rows, scene_offset = _ranges(table.start[chunk.scenes], table.count[chunk.scenes])
+        size = np.bincount(chunk.scene_query, weights=table.count[chunk.scenes], minlength=n).astype(np.int64)
         seg = np.cumsum(size) - size  # each query's slice of the flat arrays
         if sims is not None:
             vals = sims[np.repeat(qs - sims_lo, size), rows]
         else:
             vals = np.empty(rows.size, np.float32)
-            for i, c in enumerate(chunk):
-                vals[seg[i]:seg[i] + size[i]] = np.take(table.embeddings, rows[seg[i]:seg[i] + size[i]], axis=0) \
-                    @ self.q_emb[c.q]
+            for i in range(n):
+                s, e = seg[i], seg[i] + size[i]
+                vals[s:e] = np.take(table.embeddings, rows[s:e], axis=0) @ self.q_emb[qs[i]]
         # one true positive per positive scene: its most similar detection with IoU >= the size-adaptive threshold
-        n_gt = np.array([c.ps.size for c in chunk], np.int64)
-        ps = np.concatenate([c.ps for c in chunk])
-        pb = np.concatenate([c.pb for c in chunk])
-        first_scene = np.cumsum([c.g.size for c in chunk]) - np.array([c.g.size for c in chunk])
-        gallery_index = np.repeat(first_scene, n_gt) + np.concatenate([c.place for c in chunk]).astype(np.int64)
-        cand, _ = _ranges(scene_offset[gallery_index], table.count[ps])
+        ps, pb, n_gt = chunk.ps, chunk.pb, chunk.n_gt
+        cand, _ = _ranges(scene_offset[chunk.place], table.count[ps])
         owner = np.repeat(np.arange(ps.size), table.count[ps])
         wh = pb[:, 2:] - pb[:, :2]
         thr = iou_threshold(wh[:, 0], wh[:, 1])
         ok = paired_iou(table.boxes[rows[cand]], pb[owner]) >= thr[owner]
         cand, owner = cand[ok], owner[ok]
         tp = np.sort(cand[first_per_group(owner, -vals[cand], cand)])
-        n_tp = np.bincount(np.searchsorted(seg + size, tp, side="right"), minlength=n).astype(np.int64)
+        n_tp = np.bincount(_list_of(tp, size), minlength=n).astype(np.int64)
         first_tp = np.cumsum(n_tp) - n_tp
         ap, first_hit = np.zeros(n), np.full(n, -1, np.int64)
         for i in np.flatnonzero(n_tp):  # count the ranks of the query's few true positives
@@ -215,7 +243,7 @@ class _Scorer:
                 rank[j] += np.count_nonzero(listed[:t[j] - seg[i]] == v[j])
             first_hit[i] = rank.min()
         for key, value in (("ap", ap), ("n_gt", n_gt), ("n_tp", n_tp), ("first_hit_rank", first_hit),
-                           ("n_scores", size)):
+                           ("n_scores", size), ("duplicates", chunk.duplicates)):
             out[key][qs] = value
         if self.keep_top:
             for i in range(n):
@@ -283,25 +311,26 @@ def evaluate_search(detections, query_embeddings, dataset, gallery_size=100, sco
                         f"(e.g. {example_names(absent)})")
 
     scorer = _Scorer(protocol, table, q_emb, int(keep_top))
-    num_q = len(queries)
-    mean_gallery = sum(len(g) for g in protocol.galleries) / max(num_q, 1)
-    use_matrix = mean_gallery > MATRIX_SHARE * len(protocol.scene_names)
+    num_q, num_scenes = len(queries), len(protocol.scene_names)
+    lengths = np.array([np.size(g) for g in protocol.galleries], np.int64)
+    use_matrix = lengths.mean() > MATRIX_SHARE * num_scenes
     fields = {"ap": np.zeros(num_q), "n_gt": np.zeros(num_q, np.int64), "n_tp": np.zeros(num_q, np.int64),
-              "first_hit_rank": np.full(num_q, -1, np.int64), "n_scores": np.zeros(num_q, np.int64)}
-    duplicates, top = 0, []
+              "first_hit_rank": np.full(num_q, -1, np.int64), "n_scores": np.zeros(num_q, np.int64),
+              "duplicates": np.zeros(num_q, np.int64)}
+    top = []
     block = _chunk_queries(table.scores.shape[0], memory_budget_mb) if use_matrix else num_q
     for lo in range(0, num_q, block):
         hi = min(num_q, lo + block)
         sims = _similarities(q_emb, table.embeddings, lo, hi) if use_matrix else None
-        chunk, entries = [], 0
-        for q in range(lo, hi):
-            chunk.append(scorer.query(q))
-            duplicates += chunk[-1].duplicates
-            entries += chunk[-1].num_entries
-            if entries >= ENTRIES_PER_CHUNK or q == hi - 1:
-                scorer.score(chunk, sims, lo, fields, top)
-                chunk, entries = [], 0
+        start = lo
+        while start < hi:  # chunks of at most SCENES_PER_CHUNK gallery entries and POSITION_CELLS cells
+            stop = start + max(1, min(POSITION_CELLS // max(num_scenes, 1),
+                                      int(np.searchsorted(np.cumsum(lengths[start:hi]), SCENES_PER_CHUNK))))
+            stop = min(stop, hi)
+            scorer.score(_read_chunk(protocol, start, stop), sims, lo, fields, top)
+            start = stop
         del sims
+    duplicates = int(fields.pop("duplicates").sum())
 
     valid = fields["n_gt"] > 0
     num_valid = int(valid.sum())
