@@ -324,6 +324,11 @@ def test_fewer_than_ten_detections_does_not_crash():
     assert any("only 3 detection(s) score >= 0.5" in w and "fewer than 10" in w for w in r["warnings"])
     assert all(len(m) <= 3 for m in r["top_matches"])
     assert max(len(m) for m in r["top_matches"]) >= 1
+    # no detection at all (an untrained detector): AP 0 and top-k 0 for every query, no crash
+    none = evaluate_search({}, q_emb, dataset, keep_top=5)
+    assert (none["mAP"], none["top1"], none["top10"]) == (0.0, 0.0, 0.0)
+    assert none["top_matches"] == [[]] * len(q_emb) and not none["per_query"]["n_scores"].any()
+    assert any("only 0 detection(s) score >= 0.5" in w for w in none["warnings"])
 
 
 def test_top_matches_follow_the_stable_rank_and_marks():

@@ -300,6 +300,8 @@ def evaluate_search(detections, query_embeddings, dataset, gallery_size=100, sco
                                known_names=[s.name for s in dataset.gallery], image_sizes=image_sizes,
                                dataset_name=dataset.name)
     q_emb, changed = _check_query_embeddings(query_embeddings, queries, table.dim)
+    if table.dim is None:  # no detection at all: an empty table of the queries' width
+        table.embeddings = np.zeros((0, q_emb.shape[1]), np.float32)
     warnings = list(table.warnings)
     if changed:
         warnings.append(f"normalised {changed} query embedding(s) that were not unit-norm "
