@@ -530,7 +530,8 @@ def test_protocol_errors_name_the_protocol_and_query():
 
     assert protocol_of(([1, 3],), ([1],), (box[None],)) == \
         "toy G100: the gallery of query 0 refers to scene index 3, outside 0..2"
-    assert protocol_of(([2],), ([1],), (box[None],)) == "toy G100: positive scene 'a.jpg' of query 0 is not in its gallery"
+    assert protocol_of(([2],), ([1],), (box[None],)) == \
+        "toy G100: positive scene 'a.jpg' of query 0 is not in its gallery"
     assert protocol_of(([1, 2],), ([1],), (np.zeros((2, 4)),)) == \
         "toy G100: query 0 has 1 positive scene(s) but 2 positive box(es)"
     assert protocol_of(([1, 2],), ([1],), (np.array([[5, 5, 5, 30]]),)) == \
