@@ -104,8 +104,8 @@ def _same_layer(layer):
 def freeze_stem(stem: keras.Model) -> keras.Model:
     """Fix `conv1` and every BatchNormalization of `stem` (§5.1): `trainable = False`.
 
-    Call it again after setting `trainable = True` on a model that contains the stem (Keras sets the
-    flag on every sub-layer). Returns `stem`.
+    Call it again after unfreezing a model that contains the stem (`trainable = False`, then `True`:
+    Keras sets the flag on every sub-layer). Returns `stem`.
     """
     for layer in stem.layers:
         if layer.name in FROZEN_STEM_CONVS or isinstance(layer, keras.layers.BatchNormalization):
@@ -157,6 +157,7 @@ def build_resnet50_parts(weights=None, input_shape: Sequence = (None, None, 3), 
         >>> features = stem(images)                      # [B, H/16, W/16, 1024]
         >>> embedding_input = conv5(roi_align(features, rois))  # [B*R, 2048]
     """
+    input_shape, roi_size = _check_input_shape(input_shape), _check_roi_size(roi_size)  # before the slow build
     resnet, _ = build_resnet50(weights, download_timeout)
     return split_resnet50(resnet, input_shape, roi_size)
 
