@@ -59,6 +59,14 @@ RECIPE_FLAGS = (
                          "loses at most that much work)")),
     ("--checkpoint-every-steps", "checkpoint_every_steps", dict(
         type=positive_int, help="also write the resume state every N steps inside the warm-up and each epoch")),
+    ("--min-side", "min_side", dict(type=positive_int, help="person search: short side of the resized scenes "
+                                                             "(pixels)")),
+    ("--max-side", "max_side", dict(type=positive_int, help="person search: cap of the long side of the resized "
+                                                             "scenes (pixels)")),
+    ("--roi-batch-size", "roi_batch_size", dict(type=positive_int, help="person search: RoIs sampled per scene "
+                                                                         "for the RoI head and OIM")),
+    ("--queue-size", "queue_size", dict(type=non_negative_int, help="person search: OIM circular queue of "
+                                                                     "unlabeled people (0 = off, 'w/o unlabeled')")),
     ("--oim-scale", "oim_scale", dict(type=float, help="OIM logit scale (1/temperature; the paper's tau = 0.1 is "
                                                        "scale 10, the PyTorch ports use 30)")),
 )
