@@ -125,6 +125,23 @@ def test_a_crop_dataset_is_refused_by_name(tmp_path):
         FAMILY.check_dataset(crops, "person_search_oim")
 
 
+def test_training_stream_is_scene_batches_addressed_by_epoch_and_step(scenes):
+    recipe = PRESETS["person_search_oim"].resolve().replace(min_side=SIDES[0], max_side=SIDES[1], steps_per_epoch=2)
+    task = FAMILY.task(recipe, seed=5)
+    most = max(len(s.boxes) for s in scenes.train)
+    assert task.max_boxes(scenes.train) == most
+    stream, steps = task.train_dataset(scenes.train, initial_epoch=0, epochs=2, global_batch=2)
+    batches = [b for _, b in zip(range(4), stream)]
+    assert steps == 2 and batches[0]["images"].shape[0] == 2 and batches[0]["boxes"].shape == (2, most, 4)
+    assert batches[0]["images"].shape[1] % 32 == 0 and tuple(batches[0]["image_shape"][0].numpy()) == SIDES
+    resumed, _ = task.train_dataset(scenes.train, initial_epoch=1, epochs=2, global_batch=2, initial_step=1)
+    first = next(iter(resumed))
+    for key in ("images", "boxes", "pids", "box_mask", "index"):
+        np.testing.assert_array_equal(first[key].numpy(), batches[3][key].numpy())
+    with pytest.raises(ValueError, match=f"has {most} people but max_boxes=3"):
+        FAMILY.task(recipe.replace(max_boxes=3)).train_dataset(scenes.train, 0, 1, 2)
+
+
 def test_evaluation_maps_boxes_to_original_pixels_and_writes_the_metrics(scenes, grid_model, tmp_path):
     recipe = PRESETS["person_search_oim"].resolve().replace(min_side=SIDES[0], max_side=SIDES[1])
     detections = detect_scenes(grid_model, scenes.gallery, recipe)
