@@ -21,7 +21,6 @@ from reid_keras.data.datasets import load_dataset
 from reid_keras.data.decoding import decode_image
 from reid_keras.data.scene_pipeline import PAPER_SIDES, scene_eval_dataset, to_original_pixels
 from reid_keras.families import _MODULES
-from reid_keras.families.config import RunConfig
 from reid_keras.families.person_search import (FAMILY, LOSS_NAMES, PRESETS, PersonSearchRecipe, detect_scenes,
                                                embed_queries, evaluate_person_search, search_gallery_sizes)
 from reid_keras.models.person_search.export import ExportError, export_person_search
@@ -209,27 +208,35 @@ def test_export_endpoints_equal_the_keras_model(scenes, grid_model, tmp_path):
 
 @pytest.mark.skipif(not HAS_MODEL, reason="reid_keras/models/person_search/model.py (helper P5) has not landed yet")
 def test_one_epoch_of_the_quick_recipe_trains_evaluates_and_exports(scenes, tmp_path):
-    """The task as the runner drives it: build, one short epoch, evaluation, export (within 1e-5)."""
-    from reid_keras.training.runner import run_training
+    """The task as the runner drives it (build, fit, evaluate, metrics.json, export), on the real model."""
+    from reid_keras.io_utils import write_json
 
     overrides = dict(min_side=SIDES[0], max_side=SIDES[1], epochs=1, steps_per_epoch=2, rpn_pre_nms_top_n_train=200,
                      rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=30,
-                     roi_batch_size=16, rpn_batch_size=64, queue_size=20, max_detections=20,
-                     checkpoint_every_minutes=None)
+                     roi_batch_size=16, rpn_batch_size=64, queue_size=20, max_detections=20)
     recipe = PRESETS["person_search_oim"].resolve().replace(**overrides)
-    config = RunConfig(family=FAMILY, model="person_search_oim", recipe=recipe, dataset="synthetic",
-                       data_root=scenes.root, dataset_options=dict(scenes.options), output=str(tmp_path))
-    run_dir = run_training(config, name="tiny", plots=False)
-    metrics = json.loads(open(os.path.join(run_dir, "metrics.json")).read())
-    assert 0 <= metrics["mAP"] <= 1 and 0 <= metrics["detection"]["ap"] <= 1
-    assert metrics["search"][0]["gallery_size"] == -1 and "recall" in metrics["detection"]
-    history = open(os.path.join(run_dir, "history.csv")).read().splitlines()
-    assert all(name in history[0] for name in ("rpn_objectness", "rpn_box", "box_classification", "box_regression",
-                                               "oim"))
-    from reid_keras.families import load_model
+    task = FAMILY.task(recipe, seed=0)
+    config = task.model_config(scenes.num_train_ids)
+    assert (config.num_ids, config.roi_batch_size, config.queue_size, config.weights) == (scenes.num_train_ids, 16, 20,
+                                                                                          None)
+    assert scenes.num_train_ids >= 2 and config.sampling_seed == 0
+    assert config.loss_weights == {name: 1.0 for name in LOSS_NAMES}
+    keras.utils.set_random_seed(0)
+    model, info = task.build(scenes.num_train_ids)
+    assert isinstance(info, dict)
+    data, steps = task.train_dataset(scenes.train, initial_epoch=0, epochs=1, global_batch=recipe.batch_size)
+    history = model.fit(data, epochs=1, steps_per_epoch=steps, verbose=0).history
+    for name in ("loss", *LOSS_NAMES, "oim_accuracy"):
+        assert np.isfinite(history[name][0]), (name, history)
+    metrics = task.evaluate(model, scenes, str(tmp_path), plots=False)
+    write_json(str(tmp_path / "metrics.json"), metrics)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert 0 <= saved["mAP"] <= 1 and 0 <= saved["detection"]["ap"] <= 1 and "recall" in saved["detection"]
+    assert saved["search"][0]["gallery_size"] == -1 and (tmp_path / "evaluation" / "detections.npz").exists()
+    assert "| gallery | mAP |" in task.format_metrics(saved)
 
-    model = load_model(os.path.join(run_dir, "last.keras"))
-    loaded = tf.saved_model.load(os.path.join(run_dir, "export"))
+    task.export(model, str(tmp_path / "export"))
+    loaded = tf.saved_model.load(str(tmp_path / "export"))
     batch = next(iter(scene_eval_dataset(scenes.gallery[:1], *SIDES, preprocess=recipe.preprocessing)))
     image = tf.cast(decode_image(tf.io.read_file(scenes.gallery[0].path)), tf.uint8)[None]
     served, keras_out = loaded.detect(image), model.detect(batch["images"], batch["image_shape"])
@@ -237,4 +244,9 @@ def test_one_epoch_of_the_quick_recipe_trains_evaluates_and_exports(scenes, tmp_
     np.testing.assert_array_equal(served["valid"].numpy(), valid)
     np.testing.assert_allclose(served["boxes"].numpy()[valid],
                                to_original_pixels(keras_out["boxes"].numpy(), batch["scale"].numpy())[valid], atol=1e-4)
-    np.testing.assert_allclose(served["embeddings"].numpy()[valid], keras_out["embeddings"].numpy()[valid], atol=1e-5)
+    np.testing.assert_allclose(served["scores"].numpy(), keras_out["scores"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(served["embeddings"].numpy(), keras_out["embeddings"].numpy(), atol=1e-5)
+    box = np.asarray(scenes.gallery[0].boxes[:1], np.float32)
+    np.testing.assert_allclose(loaded.embed_query(image, box).numpy(),
+                               model.embed_query(batch["images"], batch["image_shape"],
+                                                 box * batch["scale"].numpy()[:, None]).numpy(), atol=1e-5)

@@ -55,6 +55,7 @@ NUMBER_RULES = {
     "oim_momentum": (lambda v: finite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "oim_temperature": (lambda v: finite(v) and v > 0, "a finite number > 0"),
     "detection_nms_iou": (_fraction, "a number in (0, 1]"),
+    "detection_min_score": (lambda v: finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "max_detections": (_positive_int, "an integer >= 1"),
     "search_score_threshold": (lambda v: finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "eval_batch_size": (_positive_int, "an integer >= 1"),
@@ -64,7 +65,7 @@ LOSS_NAMES = ("rpn_objectness", "rpn_box", "box_classification", "box_regression
 MODEL_KEYS = ("anchor_sizes", "anchor_ratios", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
               "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "rpn_batch_size", "rpn_positive_fraction",
               "roi_batch_size", "roi_positive_fraction", "embedding_dim", "queue_size", "oim_momentum",
-              "oim_temperature", "loss_weights", "detection_nms_iou", "max_detections")
+              "oim_temperature", "loss_weights", "detection_nms_iou", "detection_min_score", "max_detections")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +116,9 @@ class PersonSearchRecipe(Recipe):
     oim_temperature: float = 0.1  # §5.1: tau = 0.1
     loss_weights: Optional[dict] = None  # §5.1: "All the losses have the same loss weight" (None: 1 each)
     detection_nms_iou: float = 0.4  # test-time NMS of the refined boxes (SeqNet 0.4)
+    # What `detect` keeps: scores >= detection_min_score (low, so that the detection AP curve and the export's
+    # users see the low scores too); the evaluation searches those >= search_score_threshold.
+    detection_min_score: float = 0.01
     max_detections: int = 100  # per scene
     search_score_threshold: float = 0.5  # detections searched / counted (docs/protocols.md (d), (e))
     eval_batch_size: int = 1
@@ -161,7 +165,8 @@ class PersonSearchTask(Task):
         values = {key: getattr(r, key) for key in MODEL_KEYS}
         values["loss_weights"] = {name: 1.0 for name in LOSS_NAMES} if r.loss_weights is None else \
             {name: float(r.loss_weights.get(name, 1.0)) for name in LOSS_NAMES}
-        return PersonSearchConfig.from_dict({**values, "num_ids": int(num_train_ids), "weights": r.backbone_weights})
+        return PersonSearchConfig.from_dict({**values, "num_ids": int(num_train_ids), "weights": r.backbone_weights,
+                                             "sampling_seed": self.seed})
 
     def build(self, num_train_ids: int):
         from reid_keras.models.person_search.model import build_person_search_model
