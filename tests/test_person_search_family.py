@@ -100,6 +100,10 @@ def test_recipe_presets_follow_the_paper_and_refuse_bad_values():
         paper.replace(oim_temperature=0)
     with pytest.raises(ValueError, match=r"loss_weights: unknown loss\(es\) oimm; known: " + ", ".join(LOSS_NAMES)):
         paper.replace(loss_weights={"oimm": 1.0})
+    with pytest.raises(ValueError, match=r"image_size \(160, 80\) is not read by the person-search family"):
+        paper.replace(image_size=(160, 80))
+    with pytest.raises(ValueError, match=r"backbone 'vgg16': the person-search model is built on ResNet-50"):
+        paper.replace(backbone="vgg16")
     with pytest.raises(ValueError, match=r"unknown recipe key\(s\) P for a PersonSearchRecipe"):
         paper.replace(P=4)
 

@@ -129,6 +129,14 @@ class PersonSearchRecipe(Recipe):
         if self.max_side < self.min_side:
             raise ValueError(f"max_side must be >= min_side={self.min_side} (cap of the long side), "
                              f"got {self.max_side!r}")
+        if tuple(self.image_size) != tuple(Recipe.image_size):
+            raise ValueError(f"image_size {tuple(self.image_size)} is not read by the person-search family: scenes keep "
+                             "their aspect ratio; set min_side / max_side (the resize rule) instead")
+        if self.backbone != "resnet50":
+            raise ValueError(f"backbone {self.backbone!r}: the person-search model is built on ResNet-50 (OIM §3.1), "
+                             "the only backbone it takes")
+        if self.augment:
+            raise ValueError("augment is not read by the person-search family: scenes are only mirrored (flip)")
         self._set("anchor_sizes", tuple(self.anchor_sizes))
         self._set("anchor_ratios", tuple(self.anchor_ratios))
         if self.loss_weights is not None:
