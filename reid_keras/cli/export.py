@@ -39,6 +39,28 @@ def _default_preprocessing(model_path: str, model) -> str:
                       f"known backbone): pass --preprocessing, one of {', '.join(PREPROCESSING)}")
 
 
+def _export_scene_model(parser, args, load_keras_model, run_config_beside) -> int:
+    """A person-search model: its run's recipe (scene sides, preprocessing) shapes the `detect` and
+    `embed_query` endpoints, so the run's config.json is required."""
+    from reid_keras.families.config import config_from_json
+    from reid_keras.models.loading import ModelLoadError
+
+    data = run_config_beside(args.model)
+    if not data:
+        parser.error(f"--model {args.model!r}: a person-search model is exported with its run's scene sizes; "
+                     "keep the run's config.json beside it")
+    try:
+        task = config_from_json(data, source=f"config.json beside {args.model}").task()
+        model = load_keras_model(args.model)
+        task.export(model, args.out)
+    except ModelLoadError as err:
+        parser.error(str(err))
+    except ValueError as err:  # ExportError names the problem
+        parser.error(f"--model {args.model!r}: {err}")
+    print(f"exported {args.model} -> {args.out} (endpoints detect, embed_query)")
+    return 0
+
+
 def main(argv=None) -> int:
     from reid_keras.families import families, get_family, register_serializables
     from reid_keras.models.loading import ModelLoadError, inspect_model_path, load_keras_model, run_config_beside
@@ -71,6 +93,8 @@ def main(argv=None) -> int:
                      f"of {', '.join(sorted(families()))}")
     family = get_family(family_name)
     register_serializables()
+    if family.data == "scenes":
+        return _export_scene_model(parser, args, load_keras_model, run_config_beside)
     try:
         model = load_keras_model(args.model)  # refuses NaN / inf weights, naming the first such variable
         preprocessing = args.preprocessing or _default_preprocessing(args.model, model)

@@ -181,6 +181,21 @@ class Family:
     serializables: tuple = ()
     data: str = "crops"
 
+    def default_dataset_options(self, dataset: str, options: dict) -> dict:
+        """`options` completed for this family: the synthetic data of a scene family is the synthetic
+        CUHK-SYSU scenes unless a layout is given (the crop layouts are the synthetic default)."""
+        options = dict(options or {})
+        if dataset == "synthetic" and self.data == "scenes":
+            options.setdefault("layout", "cuhk_sysu")
+        return options
+
+    def endpoints(self, model) -> tuple:
+        """The SavedModel endpoints of `model`: a scene family's `detect` and `embed_query`; a crop
+        family's "embed", and "verify" when the task has a pair view of it."""
+        if self.data == "scenes":
+            return ("detect", "embed_query")
+        return ("embed", "verify") if self.task.verifier(model) is not None else ("embed",)
+
     def check_dataset(self, dataset, model: str) -> None:
         """Refuse a dataset of the other kind (crops vs scenes), naming both, before any work is done."""
         kind = "scenes" if hasattr(dataset, "search_protocol") else "crops"
@@ -189,9 +204,6 @@ class Family:
             raise ValueError(f"dataset {dataset.name!r} holds {what[kind]}, but model {model!r} (family {self.name}) "
                              f"trains on {what[self.data]}")
 
-    def endpoints(self, model) -> tuple:
-        """The SavedModel endpoints of `model`: "embed", and "verify" when the task has a pair view of it."""
-        return ("embed", "verify") if self.task.verifier(model) is not None else ("embed",)
 
 
 class Task:

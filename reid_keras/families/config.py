@@ -71,6 +71,8 @@ def resolve_config(model: str, recipe: str = "default", overrides: Optional[dict
     """
     family, preset = get_preset(model)
     values = preset.resolve(recipe).replace(source=f"preset {model}", **(overrides or {}))
+    settings["dataset_options"] = family.default_dataset_options(settings.get("dataset", "synthetic"),
+                                                                 settings.get("dataset_options"))
     return RunConfig(family=family, model=model, recipe=values, recipe_name=recipe, paper=preset.paper, **settings)
 
 

@@ -40,6 +40,13 @@ def load_training_data(config):
     return dataset
 
 
+def _split_summary(dataset) -> dict:
+    """config.json's per-split counts: ids / images / cameras (crops) or ids / scenes / boxes /
+    unlabeled boxes (person-search scenes)."""
+    keys = ("ids", "scenes", "boxes", "unlabeled") if hasattr(dataset, "search_protocol") else ("ids", "images", "cameras")
+    return {row[0]: dict(zip(keys, row[1:])) for row in dataset.split_stats()}
+
+
 def run_training(config, name: str | None = None, export: bool = True, plots: bool = True,
                  extra_callbacks=()) -> str:
     """Train, evaluate and export as `config` (a `families.config.RunConfig`) says; returns the run folder.
@@ -73,8 +80,7 @@ def run_training(config, name: str | None = None, export: bool = True, plots: bo
             print(f"{strategy.num_replicas_in_sync} replicas: {synced} BatchNormalization layers synchronised",
                   flush=True)
     update_config(run_dir, runtime_weights=weights_info, runtime_distribution=describe(strategy),
-                  runtime_dataset={split: {"ids": i, "images": n, "cameras": c}
-                                   for split, i, n, c in dataset.split_stats()},
+                  runtime_dataset=_split_summary(dataset),
                   runtime_dataset_info=dataset.info, runtime_skipped=dataset.skipped.as_dict())
 
     epoch, step, snapshot = _restore_or_prepare(config, task, model, dataset, weights_info, strategy, run_dir)
