@@ -241,3 +241,39 @@ def test_select_detections_against_a_hand_computed_case():
     np.testing.assert_allclose(out["boxes"][:, 0], [[0, 0, 10, 20], [15, 5, 25, 25]], atol=1e-4)
     np.testing.assert_array_equal(out["embeddings"][:, 0], [embeddings[0], embeddings[3]])
     assert not out["boxes"][:, 1:].any() and not out["scores"][:, 1:].any()
+
+
+def test_two_replicas_give_the_one_device_step(tmp_path):
+    """A batch of 2 scenes split over 2 replicas: same losses, OIM memory and updated weights as on one device
+    (per-image sampling seeds, synchronised conv5 BatchNorm, OIM all-gather, replica-scaled losses)."""
+    from reid_keras.training.distribute import mirrored_strategy
+
+    # Keras' MirroredStrategy set-up averages the first batch over the replicas, which TensorFlow cannot do for
+    # bool tensors: the masks travel as int32 (the model casts box_mask back to bool).
+    stream = scene_train_dataset(_scenes(str(tmp_path)), HEIGHT, WIDTH, batch_size=2, max_boxes=3, flip=False,
+                                 size_divisor=16)
+    stream = stream.map(lambda b: {k: tf.cast(v, tf.int32) if v.dtype == tf.bool else v for k, v in b.items()})
+    results = {}
+    for name, strategy in (("one", tf.distribute.get_strategy()), ("two", mirrored_strategy(["/cpu:0", "/cpu:1"]))):
+        keras.utils.set_random_seed(5)
+        with strategy.scope():
+            model = build_person_search_model(PersonSearchConfig(**SMALL))
+            model.compile(keras.optimizers.SGD(1e-2), jit_compile=False)
+        # (the embedding projection gets no gradient at step 1: the OIM memory is all zeros, logits constant)
+        conv5_kernel = next(layer for layer in model.conv5.layers if isinstance(layer, keras.layers.Conv2D)).kernel
+        weights = [model.rpn_head.weights[0], model.box_predictor.weights[0], model.box_predictor.weights[2],
+                   conv5_kernel]
+        initial = [w.numpy() for w in weights]
+        history = model.fit(stream, steps_per_epoch=1, epochs=1, verbose=0).history
+        updates = [w.numpy() - w0 for w, w0 in zip(weights, initial)]
+        results[name] = ({k: v[0] for k, v in history.items()}, updates, model.oim.lookup_table.numpy(),
+                         model.oim.queue.numpy())
+    (one, one_updates, *one_memory), (two, two_updates, *two_memory) = results["one"], results["two"]
+    assert set(one) == {"loss", "oim_accuracy", *LOSS_NAMES}
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(one_updates, two_updates):  # the summed replica gradients are the one-device gradient
+        assert np.abs(a).max() > 0
+        np.testing.assert_allclose(b, a, atol=5e-3 * np.abs(a).max())  # float rounding of other kernels
+    for a, b in zip(one_memory, two_memory):
+        np.testing.assert_allclose(b, a, atol=1e-5)

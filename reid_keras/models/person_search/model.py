@@ -16,7 +16,11 @@ Several replicas (MirroredStrategy): Keras sums the replicas' gradients. The fou
 are means over each replica's own samples (fixed counts per image), so they are divided by the
 number of replicas; the OIM loss is already normalised by the labeled RoIs of the global batch
 (`losses.oim_loss` all-reduces the count) and the memory update sees the global batch
-(`OIMMemory` all-gathers). The summed gradient is then the global-batch gradient.
+(`OIMMemory` all-gathers). The summed gradient is then the global-batch gradient. Anchors and RoIs are
+sampled per image from (seed, step, global image index), and conv5's BatchNorm statistics are
+synchronised, so a batch split over replicas gives the single-device losses up to float rounding
+(per-replica counts of sampled anchors / RoIs are equal: fixed numbers per image, unless an image
+lacks candidates).
 """
 from __future__ import annotations
 
@@ -188,6 +192,11 @@ class PersonSearchModel(keras.Model):
         resnet, info = build_resnet50(c.weights if load_backbone_weights else None)
         self.weights_info = info if load_backbone_weights else None
         self.stem, self.conv5 = split_resnet50(resnet, roi_size=(c.roi_size, c.roi_size))
+        for layer in self.conv5.layers:
+            # conv5's BN trains on batch statistics (§5.1 "as normal"); synchronised, they are the global
+            # batch's under MirroredStrategy (all-reduced moments), so N replicas compute what one does.
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = True
         self.rpn_head = rpn.RPNHead(c.num_anchors, name="rpn_head")
         self.train_proposals = rpn.ProposalLayer(c.rpn_pre_nms_top_n_train, c.rpn_post_nms_top_n_train,
                                                  c.rpn_nms_iou, c.rpn_min_size, name="train_proposals")
@@ -224,15 +233,47 @@ class PersonSearchModel(keras.Model):
         """RoI align + conv5 + pooling: [B, R, 4] rois -> [B * R, 2048]."""
         return self.conv5(self.roi_align([features, rois]), training=training)
 
-    def _sampling_seeds(self, step=None):
+    def _image_seeds(self, batch_size, step=None):
+        """[B, 2] sampling seeds, one per image, from (sampling_seed, step, global image index).
+
+        The global index is replica * B + b, so an image gets the same anchors and RoIs whether the
+        batch runs on one device or is split over several replicas (the first-step losses and the
+        OIM memory of 1 and N replicas can then be equal)."""
         optimizer = getattr(self, "optimizer", None)
         if step is None:
             step = 0 if optimizer is None else optimizer.iterations
-        step = tf.cast(step, tf.int64)
-        seed = tf.stack([tf.constant(self.config.sampling_seed, tf.int64), step])
-        seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(_replica_id(), tf.int64))
-        return (tf.random.experimental.stateless_fold_in(seed, 0),
-                tf.random.experimental.stateless_fold_in(seed, 1))
+        base = tf.stack([tf.constant(self.config.sampling_seed, tf.int64), tf.cast(step, tf.int64)])
+        first = tf.cast(_replica_id(), tf.int64) * tf.cast(batch_size, tf.int64)
+        return tf.map_fn(lambda i: tf.random.experimental.stateless_fold_in(base, i),
+                         first + tf.range(tf.cast(batch_size, tf.int64)), fn_output_signature=tf.int64)
+
+    def _targets(self, anchors, proposals, valid, batch, step):
+        """Anchor and RoI targets (`sampling.py`), sampled image by image with `_image_seeds`
+        (a map over the B images of the batch, not over boxes)."""
+        c = self.config
+        gt_boxes, gt_pids = tf.cast(batch["boxes"], tf.float32), tf.cast(batch["pids"], tf.int32)
+        gt_mask, image_shape = tf.cast(batch["box_mask"], tf.bool), batch["image_shape"]
+        seeds = self._image_seeds(tf.shape(gt_boxes)[0], step)
+
+        def one_image(args):
+            seed, boxes, pids, mask, shape, image_proposals, image_valid = args
+            labels, deltas = anchor_targets(
+                anchors, boxes[None], mask[None], shape[None], tf.random.experimental.stateless_fold_in(seed, 0),
+                num_samples=c.rpn_batch_size, positive_fraction=c.rpn_positive_fraction,
+                positive_iou=c.rpn_positive_iou, negative_iou=c.rpn_negative_iou)
+            rois = roi_targets(image_proposals[None], boxes[None], pids[None], mask[None],
+                               tf.random.experimental.stateless_fold_in(seed, 1), num_samples=c.roi_batch_size,
+                               positive_fraction=c.roi_positive_fraction, foreground_iou=c.roi_foreground_iou,
+                               background_iou=(0.0, c.roi_foreground_iou), proposal_mask=image_valid[None])
+            return labels[0], deltas[0], {k: v[0] for k, v in rois.items()}
+
+        s = c.roi_batch_size
+        signature = (tf.TensorSpec([None], tf.int32), tf.TensorSpec([None, 4], tf.float32),
+                     {"rois": tf.TensorSpec([s, 4], tf.float32), "labels": tf.TensorSpec([s], tf.int32),
+                      "pids": tf.TensorSpec([s], tf.int32), "box_targets": tf.TensorSpec([s, 4], tf.float32),
+                      "weights": tf.TensorSpec([s], tf.float32)})
+        return tf.map_fn(one_image, (seeds, gt_boxes, gt_pids, gt_mask, image_shape, proposals, valid),
+                         fn_output_signature=signature)
 
     # -- training -----------------------------------------------------------------------------------
     def call(self, inputs, training=False):
@@ -265,21 +306,10 @@ class PersonSearchModel(keras.Model):
         if missing:
             raise ValueError(f"{self.name}: a training batch needs {', '.join(TRAINING_KEYS)} (the scene pipeline's "
                              f"dict); missing {', '.join(missing)}")
-        c = self.config
         images, image_shape = batch["images"], batch["image_shape"]
-        gt_boxes = tf.cast(batch["boxes"], tf.float32)
-        gt_pids, gt_mask = batch["pids"], tf.cast(batch["box_mask"], tf.bool)
-        anchor_seed, roi_seed = self._sampling_seeds(step)
-
         features, objectness, rpn_deltas, anchors = self._rpn(images)
         proposals, _, valid = self.train_proposals([objectness, rpn_deltas, anchors, image_shape])
-        anchor_labels, anchor_deltas = anchor_targets(
-            anchors, gt_boxes, gt_mask, image_shape, anchor_seed, num_samples=c.rpn_batch_size,
-            positive_fraction=c.rpn_positive_fraction, positive_iou=c.rpn_positive_iou,
-            negative_iou=c.rpn_negative_iou)
-        rois = roi_targets(proposals, gt_boxes, gt_pids, gt_mask, roi_seed, num_samples=c.roi_batch_size,
-                           positive_fraction=c.roi_positive_fraction, foreground_iou=c.roi_foreground_iou,
-                           background_iou=(0.0, c.roi_foreground_iou), proposal_mask=valid)
+        anchor_labels, anchor_deltas, rois = self._targets(anchors, proposals, valid, batch, step)
         regions = self._regions(features, rois["rois"], training)
         class_logits, box_deltas = self.box_predictor(regions)
         embeddings = self.embedding_head(regions, training=training)
