@@ -41,9 +41,9 @@ def configured(argv):
 
 def test_every_preset_belongs_to_exactly_one_family():
     known = families()
-    assert list(known) == ["siamese", "idver", "classifier"]
+    assert list(known) == ["siamese", "idver", "classifier", "person_search"]
     table = presets()
-    assert sum(len(f.presets) for f in known.values()) == len(table) == 14
+    assert sum(len(f.presets) for f in known.values()) == len(table) == 15
     for name, (family, preset) in table.items():
         assert isinstance(preset.recipe, family.recipe), name
         for recipe in ("default", "paper"):
@@ -175,7 +175,7 @@ def test_export_endpoints_come_from_the_family(tmp_path, capsys):
     without.save(path)
     with pytest.raises(SystemExit):  # outside a run folder the family must be named, not guessed
         export_cli.main(["--model", str(path), "--out", str(tmp_path / "out")])
-    assert "pass --family, one of classifier, idver, siamese" in capsys.readouterr().err
+    assert "pass --family, one of classifier, idver, person_search, siamese" in capsys.readouterr().err
     (tmp_path / "config.json").write_text(json.dumps({"family": "idver", "preprocessing": "caffe"}))
     assert export_cli.main(["--model", str(path), "--out", str(tmp_path / "out")]) == 0
     meta = json.loads((tmp_path / "out" / "reid_keras_export.json").read_text())

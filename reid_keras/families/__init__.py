@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODULES = ("siamese", "idver", "classifier")
+_MODULES = ("siamese", "idver", "classifier", "person_search")
 
 
 def families() -> dict:
