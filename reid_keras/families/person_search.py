@@ -15,6 +15,7 @@ import os
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 
 from reid_keras.families.base import Family, Preset, Recipe, Task, check_numbers, finite, integer
 
@@ -205,6 +206,9 @@ class PersonSearchTask(Task):
         ds = scene_train_dataset(records, r.min_side, r.max_side, int(global_batch), self.max_boxes(records),
                                  preprocess=r.preprocessing, flip=r.flip, seed=self.seed, epochs=epochs,
                                  initial_epoch=initial_epoch, initial_step=initial_step, batches_per_epoch=steps)
+        # Booleans as int32: under MirroredStrategy Keras sums the first batch over the replicas while
+        # setting up, which TensorFlow refuses for bool tensors (the model casts box_mask back).
+        ds = ds.map(lambda b: {k: tf.cast(v, tf.int32) if v.dtype == tf.bool else v for k, v in b.items()})
         return ds, steps
 
     def evaluate(self, model, dataset, run_dir: str, plots: bool = True) -> dict:
