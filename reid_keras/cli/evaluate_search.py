@@ -147,12 +147,7 @@ def gallery_sizes_to_run(dataset, requested) -> list:
             raise UsageError(f"--gallery-size {requested}: {dataset.name} has no such gallery; accepted: "
                              f"{', '.join(str(s) for s in offered)} or all")
         return [requested]
-    sizes, seen = [], set()
-    for size in offered:
-        name = dataset.search_protocol(size).name
-        if name not in seen:
-            seen.add(name)
-            sizes.append(size)
+    sizes = dataset.distinct_gallery_sizes(offered)
     if not sizes:
         raise UsageError(f"--gallery-size all: {dataset.name} declares no gallery size")
     return sizes

@@ -282,14 +282,7 @@ def search_gallery_sizes(dataset) -> list:
     """The gallery sizes to report: those of SEARCH_GALLERY_SIZES the dataset offers (each gallery once),
     else its first one (PRW: its single gallery; a tiny synthetic set: the smallest it has)."""
     offered = list(dataset.gallery_sizes)
-    sizes = [s for s in SEARCH_GALLERY_SIZES if s in offered] or offered[:1]
-    unique, names = [], set()
-    for size in sizes:
-        name = dataset.search_protocol(size).name
-        if name not in names:
-            names.add(name)
-            unique.append(size)
-    return unique
+    return dataset.distinct_gallery_sizes([s for s in SEARCH_GALLERY_SIZES if s in offered] or offered[:1])
 
 
 def evaluate_person_search(model, dataset, out_dir: str, recipe: PersonSearchRecipe, seed: int = 0,

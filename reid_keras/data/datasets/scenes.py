@@ -180,6 +180,18 @@ class SearchDataset:
             self._protocol_cache[key] = self.protocol_builder(self, gallery_size)
         return self._protocol_cache[key]
 
+    def distinct_gallery_sizes(self, sizes=None) -> list:
+        """`sizes` (default: every size offered but None) without those naming the same gallery as an
+        earlier one (PRW's 100 and -1 are its one gallery), in order."""
+        sizes = [s for s in self.gallery_sizes if s is not None] if sizes is None else list(sizes)
+        distinct, names = [], set()
+        for size in sizes:
+            name = self.search_protocol(size).name
+            if name not in names:
+                names.add(name)
+                distinct.append(size)
+        return distinct
+
     def without_paths(self, paths) -> "SearchDataset":
         """A copy without the scenes whose path is in `paths` (damaged images) and without the
         queries whose scene is one of them (counted in `info`). Protocols still list the dropped
