@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         try:  # an unknown name: load_dataset's message lists the registered datasets
             require_data_root(args.dataset, args.data_root)
             dataset = load_dataset(args.dataset, args.data_root, **parse_options(args.dataset_option))
-            if hasattr(dataset, "search_protocol"):
+            if dataset.kind == "scenes":
                 raise ValueError(f"--dataset {args.dataset} holds whole scenes for person search; this command "
                                  "ranks person crops. Score a detector's output with python -m "
                                  "reid_keras.evaluate_search")

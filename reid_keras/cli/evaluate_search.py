@@ -132,7 +132,7 @@ def _load_search_dataset(args):
         dataset = load_dataset(args.dataset, args.data_root, **options)
     except (ValueError, DatasetLayoutError, DatasetCountError) as err:
         raise UsageError(str(err)) from None
-    if not hasattr(dataset, "search_protocol"):
+    if dataset.kind != "scenes":
         raise UsageError(f"--dataset {args.dataset} is a re-ID dataset of cropped people, not person search (no "
                          "scene galleries): use python -m reid_keras.evaluate")
     return dataset

@@ -198,7 +198,7 @@ class Family:
 
     def check_dataset(self, dataset, model: str) -> None:
         """Refuse a dataset of the other kind (crops vs scenes), naming both, before any work is done."""
-        kind = "scenes" if hasattr(dataset, "search_protocol") else "crops"
+        kind = dataset.kind
         if kind != self.data:
             what = {"crops": "person crops (a re-ID dataset)", "scenes": "whole scenes with boxes (a person-search dataset)"}
             raise ValueError(f"dataset {dataset.name!r} holds {what[kind]}, but model {model!r} (family {self.name}) "

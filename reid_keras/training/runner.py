@@ -43,7 +43,7 @@ def load_training_data(config):
 def _split_summary(dataset) -> dict:
     """config.json's per-split counts: ids / images / cameras (crops) or ids / scenes / boxes /
     unlabeled boxes (person-search scenes)."""
-    keys = ("ids", "scenes", "boxes", "unlabeled") if hasattr(dataset, "search_protocol") else ("ids", "images", "cameras")
+    keys = ("ids", "scenes", "boxes", "unlabeled") if dataset.kind == "scenes" else ("ids", "images", "cameras")
     return {row[0]: dict(zip(keys, row[1:])) for row in dataset.split_stats()}
 
 

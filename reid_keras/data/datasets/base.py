@@ -122,6 +122,10 @@ class ReidDataset:
     options: dict = dataclasses.field(default_factory=dict)
     protocols: tuple = ()
 
+    # What the dataset holds: person crops (re-ID); `SearchDataset.kind` is "scenes". Families say
+    # which kind they train on (`Family.data`).
+    kind = "crops"
+
     def protocol(self, name: str):
         """The declared `EvaluationProtocol` called `name`, or None."""
         return next((p for p in self.protocols if p.name == name), None)

@@ -146,6 +146,7 @@ class SearchDataset:
 
     # Splits of image records (read by `decoding.drop_damaged`).
     image_splits = ("train", "gallery")
+    kind = "scenes"  # whole scenes with boxes (a ReidDataset's kind is "crops")
 
     @property
     def num_train_ids(self) -> int:
