@@ -112,3 +112,12 @@ def run_folder_of(model_path: str):
 def model_name(model_path: str) -> str:
     """`best` for runs/x/best.keras, `export` for a SavedModel folder runs/x/export/."""
     return os.path.splitext(os.path.basename(os.path.abspath(model_path.rstrip("/" + os.sep) or model_path)))[0]
+
+
+def output_beside_run(path: str, kind: str, dataset: str) -> str:
+    """Where a command writes without --out: `<run folder>/<kind>_<dataset>` for a file in a run folder,
+    else `runs/<kind>/<file name>-<dataset>` (relative to the working directory, never the directory itself)."""
+    run = run_folder_of(path)
+    if run:
+        return os.path.join(run, f"{kind}_{dataset}")
+    return os.path.join(RUNS, kind, f"{model_name(path)}-{dataset}")

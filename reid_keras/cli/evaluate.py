@@ -20,8 +20,8 @@ import argparse
 import os
 import sys
 
-from reid_keras.cli.arguments import (RUNS, HelpFormatter, add_dataset_arguments, add_verbose_argument, image_size,
-                                      model_name, positive_int, require_data_root, run_folder_of)
+from reid_keras.cli.arguments import (HelpFormatter, add_dataset_arguments, add_verbose_argument, image_size,
+                                      output_beside_run, positive_int, require_data_root)
 from reid_keras.metrics.options import MULTI_QUERY_CHOICES, EvaluationOptions
 
 
@@ -32,10 +32,7 @@ class UsageError(ValueError):
 def default_output(model: str, dataset: str) -> str:
     """Where the evaluation goes without --out: `<run folder>/eval_<dataset>` for a model in a run folder,
     else `runs/eval/<model name>-<dataset>` (relative to the working directory, never the directory itself)."""
-    run = run_folder_of(model)
-    if run:
-        return os.path.join(run, f"eval_{dataset}")
-    return os.path.join(RUNS, "eval", f"{model_name(model)}-{dataset}")
+    return output_beside_run(model, "eval", dataset)
 
 
 def build_parser() -> argparse.ArgumentParser:

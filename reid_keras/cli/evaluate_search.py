@@ -22,8 +22,8 @@ import math
 import os
 import sys
 
-from reid_keras.cli.arguments import (RUNS, HelpFormatter, add_dataset_arguments, add_verbose_argument,
-                                      model_name, non_negative_int, positive_int, require_data_root, run_folder_of)
+from reid_keras.cli.arguments import (HelpFormatter, add_dataset_arguments, add_verbose_argument, non_negative_int,
+                                      output_beside_run, positive_int, require_data_root)
 
 AP_VARIANT = "non-interpolated (sklearn-style over distinct scores) x n_tp / n_gt, docs/protocols.md (d)"
 PER_QUERY_FIELDS = ["query", "scene", "pid", "valid", "ap", "n_gt", "n_tp", "first_hit_rank"]
@@ -58,10 +58,7 @@ def finite_float(text: str) -> float:
 def default_output(detections: str, dataset: str) -> str:
     """`<run folder>/eval_search_<dataset>` for a detections file in a run folder, else
     `runs/eval_search/<file name>-<dataset>` (never the working directory itself)."""
-    run = run_folder_of(detections)
-    if run:
-        return os.path.join(run, f"eval_search_{dataset}")
-    return os.path.join(RUNS, "eval_search", f"{model_name(detections)}-{dataset}")
+    return output_beside_run(detections, "eval_search", dataset)
 
 
 def build_parser() -> argparse.ArgumentParser:
